@@ -1,0 +1,19 @@
+"""Entry point `vllm.general_plugins: sentinel`: vLLM calls `register()` in every process it starts.
+
+It must stay cheap and import-safe: it runs in the API server before the CLI parser is built,
+in EngineCore and in every worker.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm_sentinel")
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    logger.debug("vllm-sentinel plugin loaded")
