@@ -1,0 +1,121 @@
+"""The training recipe: sentinel rows + LoRA train, merge is exact, resume continues a crashed run."""
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from conftest import tiny_llama
+from vllm_sentinel import training
+from vllm_sentinel.config import ScheduleConfig, SentinelConfig
+from vllm_sentinel.oracle import dense_logits
+from vllm_sentinel.schedule import ScheduledSpans
+from vllm_sentinel.training import TrainConfig, train
+
+VOCAB = 128
+# A learnable stream: an arithmetic pattern, so loss must fall if training works.
+STREAM = (torch.arange(12_000) * 7 % 97).tolist()
+
+
+def word_tokenizer():
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0")
+
+
+def recipe(**overrides):
+    base = dict(schedule=ScheduleConfig(2, 8, 0), seq_len=64, batch_size=4, steps=40, lr=5e-3,
+                eval_every=20, checkpoint_every=10, eval_tokens=1024)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sentinel")
+    base = tiny_llama(vocab_size=VOCAB)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    log = train(base, word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(), out)
+    return out, base_state, log
+
+
+def test_writes_a_model_transformers_loads_with_its_config(trained):
+    out, _, log = trained
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    sentinel = SentinelConfig.load(out)
+    sentinel.validate_for(tokenizer, model.config.vocab_size)
+    assert sentinel.sentinel_ids == (VOCAB, VOCAB + 1)
+    assert sentinel.schedule == ScheduleConfig(2, 8, 0)
+    assert model.config.vocab_size == VOCAB + 2
+    assert not (out / "checkpoint").exists()
+    saved_log = json.loads((out / "train_log.json").read_text())
+    assert saved_log["step"] == 40 and saved_log["config"]["schedule"] == {"sink": 2, "span": 8, "gap": 0}
+    assert log["log"][-1]["heldout_ppl"] < log["log"][0]["heldout_ppl"]
+
+
+def test_lora_and_sentinel_rows_trained_everything_else_frozen(trained):
+    out, base_state, _ = trained
+    state = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    changed = {k for k, v in base_state.items()
+               if k in state and (state[k].shape != v.shape or not torch.equal(state[k], v))}
+    assert any("q_proj" in k for k in changed) and any("o_proj" in k for k in changed)
+    assert not any("mlp" in k or "norm" in k for k in changed), changed
+    embed = state["model.embed_tokens.weight"]
+    assert torch.equal(embed[:VOCAB], base_state["model.embed_tokens.weight"])
+    # The new rows moved away from their mean-embedding start.
+    assert not torch.allclose(embed[VOCAB], embed[VOCAB + 1])
+
+
+def test_merge_preserves_the_trained_function(tmp_path):
+    """Logits of the in-memory peft model == logits of the merged, saved, reloaded model."""
+    model = tiny_llama(vocab_size=VOCAB)
+    captured = {}
+    original = training.merged
+
+    def keep_peft_logits(peft_model):
+        sentinel = SentinelConfig(cl_token_id=VOCAB, cr_token_id=VOCAB + 1, schedule=ScheduleConfig(2, 8, 0))
+        ids = STREAM[10_000:10_100]
+        peft_model.eval()
+        captured["logits"] = dense_logits(peft_model, ids, ScheduledSpans(sentinel.schedule).spans(100), sentinel)
+        captured["args"] = (ids, sentinel)
+        return original(peft_model)
+
+    training.merged = keep_peft_logits
+    try:
+        train(model, word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(steps=15), tmp_path)
+    finally:
+        training.merged = original
+    ids, sentinel = captured["args"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    after = dense_logits(reloaded, ids, ScheduledSpans(sentinel.schedule).spans(100), sentinel)
+    assert (after - captured["logits"]).abs().max().item() <= 1e-4
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_batch = training.WindowSampler.batch
+
+    def crash_at_step_25(self):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt("simulated crash")
+        return real_batch(self)
+
+    monkeypatch.setattr(training.WindowSampler, "batch", crash_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(), tmp_path)
+    saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert saved["step"] == 20
+    monkeypatch.setattr(training.WindowSampler, "batch", real_batch)
+    resumed = train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(), tmp_path)
+    assert resumed["step"] == 40
+    assert [e["step"] for e in resumed["log"]] == [20, 40]  # the pre-crash evaluation is kept, not redone
+    assert SentinelConfig.load(tmp_path).sentinel_ids == (VOCAB, VOCAB + 1)
+
+
+def test_bad_regime_and_short_corpus_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown regime 'dense'"):
+        train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM, STREAM, recipe(regime="dense"), tmp_path)
+    with pytest.raises(ValueError, match="need more than seq_len"):
+        train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM[:50], STREAM, recipe(), tmp_path / "x")

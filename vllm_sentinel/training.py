@@ -1,0 +1,218 @@
+"""The sentinel training recipe: a Hugging Face causal LM -> a sentinel model that vLLM serves.
+
+Adds `<CL>`/`<CR>` to the vocabulary, trains LoRA on the attention projections plus the two new
+embedding rows (or everything, with `full_finetune`), with the paper's loss: every real token
+predicts the next real token, sentinels are never targets. Spans follow the schedule the model
+will be served with, jittered, optionally mixed with the paper's random spans. Ends by merging
+LoRA and writing safetensors, the tokenizer and `sentinel_config.json`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .batching import REGIMES, batch_loss, build_example, collate
+from .config import ScheduleConfig, SentinelConfig
+from .evaluate import perplexity
+from .oracle import check_custom_mask_support
+from .schedule import JitteredSpans, RandomSpans
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class TrainConfig:
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    regime: str = "sentinel"          # or a baseline: local / scattered / full
+    seq_len: int = 256                # real tokens per training window
+    batch_size: int = 8
+    steps: int = 300
+    time_budget_s: float | None = None  # stop (and shorten the LR schedule) to fit this
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    full_finetune: bool = False
+    jitter: float = 0.25
+    random_span_fraction: float = 0.0  # share of windows with the paper's random spans instead
+    eval_every: int = 100
+    eval_tokens: int = 8192
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+# -- model surgery ---------------------------------------------------------------------------------
+
+def add_sentinel_tokens(model, tokenizer, cl_token: str = "<CL>", cr_token: str = "<CR>") -> tuple[int, int]:
+    """Add the two tokens (once), grow the embeddings if needed, start them at the mean embedding."""
+    tokenizer.add_tokens([cl_token, cr_token], special_tokens=True)
+    ids = tuple(tokenizer.convert_tokens_to_ids([cl_token, cr_token]))
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for embedding in {model.get_input_embeddings(), model.get_output_embeddings()}:
+                embedding.weight[old_size:] = embedding.weight[:old_size].mean(dim=0)
+    return ids
+
+
+def prepare_trainable(model, cfg: TrainConfig, sentinel_ids: tuple[int, int]):
+    if cfg.full_finetune:
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      trainable_token_indices={"embed_tokens": list(sentinel_ids)})
+    return get_peft_model(model, lora)
+
+
+def merged(model):
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+class WindowSampler:
+    """Random windows of real tokens from the training stream, each with its spans."""
+
+    def __init__(self, token_stream: list[int], cfg: TrainConfig, sentinel_ids: tuple[int, int]):
+        self.ids = torch.as_tensor(token_stream, dtype=torch.long)
+        if self.ids.numel() <= cfg.seq_len:
+            raise ValueError(f"training text has {self.ids.numel()} tokens; need more than seq_len={cfg.seq_len}")
+        if cfg.regime not in REGIMES:
+            raise ValueError(f"unknown regime {cfg.regime!r}; choose one of {REGIMES}")
+        self.cfg, self.sentinel_ids = cfg, sentinel_ids
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.scheduled = JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
+        self.random = RandomSpans(min(cfg.schedule.net_ratio, 0.9), sink=cfg.schedule.sink, seed=cfg.seed)
+
+    def _spans(self, n: int) -> torch.Tensor:
+        use_random = float(torch.rand((), generator=self.generator)) < self.cfg.random_span_fraction
+        return (self.random if use_random else self.scheduled).spans(n)
+
+    def batch(self):
+        n = self.cfg.seq_len
+        starts = torch.randint(0, self.ids.numel() - n, (self.cfg.batch_size,), generator=self.generator)
+        examples = [build_example(self.ids[s: s + n], self.cfg.regime, self._spans(n), *self.sentinel_ids,
+                                  generator=self.generator) for s in starts.tolist()]
+        return collate(examples, pad_id=0)
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    torch.save(trainable, tmp / "trainable.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)  # a crash mid-save never leaves a half checkpoint behind
+
+
+def _load_checkpoint(path: Path, model, optimizer) -> dict:
+    trainable = torch.load(path / "trainable.pt")
+    missing = set(trainable) - {k for k, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match this model/recipe (e.g. {sorted(missing)[:2]}); "
+                         "use a new --out or delete the checkpoint")
+    model.load_state_dict(trainable, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt"))
+    return json.loads((path / "state.json").read_text())
+
+
+def train(model, tokenizer, train_stream: list[int], heldout_stream: list[int], cfg: TrainConfig,
+          out_dir: str | Path) -> dict:
+    """Train in place and write the merged sentinel model to `out_dir`. Returns the training log.
+
+    Resumes from `out_dir/checkpoint` when one exists (same data, same seed).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    check_custom_mask_support(model)
+    sentinel_ids = add_sentinel_tokens(model, tokenizer)
+    sentinel = SentinelConfig(cl_token_id=sentinel_ids[0], cr_token_id=sentinel_ids[1], schedule=cfg.schedule)
+    model = prepare_trainable(model, cfg, sentinel_ids)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = WindowSampler(train_stream, cfg, sentinel_ids)
+
+    checkpoint = out_dir / "checkpoint"
+    state = {"step": 0, "elapsed_s": 0.0, "total_steps": cfg.steps, "log": []}
+    if checkpoint.is_dir():
+        state = _load_checkpoint(checkpoint, model, optimizer)
+        sampler.generator.manual_seed(cfg.seed + state["step"])  # fresh windows after a resume
+
+    def evaluate() -> float:
+        return perplexity(model, heldout_stream, cfg.regime, sentinel, window=cfg.seq_len,
+                          max_tokens=cfg.eval_tokens, batch_size=cfg.batch_size)
+
+    started = time.time() - state["elapsed_s"]
+    bar = tqdm(total=state["total_steps"], initial=state["step"], desc=f"train[{cfg.regime}]")
+    while state["step"] < state["total_steps"]:
+        step = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, state["total_steps"], cfg)
+        loss = batch_loss(model, sampler.batch())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        state["step"] = step + 1
+        state["elapsed_s"] = time.time() - started
+        if cfg.time_budget_s and state["step"] == min(5, cfg.steps):
+            # Fit the cosine schedule into the budget from the measured step time.
+            per_step = state["elapsed_s"] / state["step"]
+            state["total_steps"] = max(state["step"], min(cfg.steps, int(cfg.time_budget_s / per_step)))
+            bar.total = state["total_steps"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if state["step"] % cfg.eval_every == 0 or state["step"] == state["total_steps"]:
+            state["log"].append({"step": state["step"], "train_loss": loss.item(),
+                                 "heldout_ppl": evaluate(), "elapsed_s": state["elapsed_s"]})
+            bar.write(f"step {state['step']}: held-out perplexity ({cfg.regime}) {state['log'][-1]['heldout_ppl']:.2f}")
+        if state["step"] % cfg.checkpoint_every == 0 and state["step"] < state["total_steps"]:
+            _save_checkpoint(checkpoint, model, optimizer, state)
+    bar.close()
+
+    final = merged(model)
+    final.eval()
+    final.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if cfg.regime == "sentinel":
+        sentinel.save(out_dir)
+    (out_dir / "train_log.json").write_text(json.dumps(
+        {"config": {**asdict(cfg), "schedule": asdict(cfg.schedule)}, **state}, indent=2))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return state
+
+
+def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32):
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation="sdpa")
+    return model, tokenizer
