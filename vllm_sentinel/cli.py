@@ -1,0 +1,117 @@
+"""`vllm-sentinel`: the command line (train, make-tiny, eval)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ScheduleConfig, SentinelConfig, SentinelConfigError
+
+
+def _add_schedule_args(parser: argparse.ArgumentParser, defaults: ScheduleConfig | None) -> None:
+    d = defaults or ScheduleConfig()
+    parser.add_argument("--sink", type=int, default=None, help=f"tokens never compressed (default {d.sink})")
+    parser.add_argument("--span", type=int, default=None, help=f"tokens per compressed span (default {d.span})")
+    parser.add_argument("--gap", type=int, default=None, help=f"uncompressed tokens between spans (default {d.gap})")
+
+
+def _schedule(args, default: ScheduleConfig) -> ScheduleConfig:
+    return ScheduleConfig(sink=default.sink if args.sink is None else args.sink,
+                          span=default.span if args.span is None else args.span,
+                          gap=default.gap if args.gap is None else args.gap)
+
+
+def cmd_train(args) -> None:
+    from .corpus import corpus_streams
+    from .training import TrainConfig, load_base, train
+
+    cfg = TrainConfig(schedule=_schedule(args, ScheduleConfig()), regime=args.regime, seq_len=args.seq_len,
+                      batch_size=args.batch_size, steps=args.steps, time_budget_s=args.time_budget,
+                      lr=args.lr, lora_rank=args.lora_rank, full_finetune=args.full_finetune,
+                      jitter=args.jitter, random_span_fraction=args.random_spans,
+                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    model, tokenizer = load_base(args.base)
+    train_ids, heldout_ids = corpus_streams(args.corpus, tokenizer)
+    state = train(model, tokenizer, train_ids, heldout_ids, cfg, args.out)
+    print(json.dumps(state["log"][-1] if state["log"] else {}, indent=2))
+    print(f"sentinel model written to {args.out}")
+
+
+def cmd_make_tiny(args) -> None:
+    from .tiny import TinyConfig, format_report, make_tiny
+
+    report = make_tiny(args.out, TinyConfig(), force=args.force)
+    print(format_report(report))
+    print(f"model: {args.out} (built in {report['seconds']['total']:.0f} s; report in {args.out}/make_tiny_report.json)")
+
+
+def cmd_eval(args) -> None:
+    from .corpus import corpus_streams
+    from .evaluate import perplexity
+    from .training import load_base
+
+    model, tokenizer = load_base(args.model)
+    sentinel = SentinelConfig.load(args.model)
+    sentinel.validate_for(tokenizer, model.config.vocab_size)
+    _, heldout = corpus_streams(args.corpus, tokenizer)
+    schedule = _schedule(args, sentinel.schedule)
+    for regime in args.regimes:
+        ppl = perplexity(model, heldout, regime, sentinel, schedule, window=args.window, max_tokens=args.tokens)
+        print(f"{regime:>10}: held-out perplexity {ppl:.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .corpus import DEFAULT_CORPUS
+
+    parser = argparse.ArgumentParser(prog="vllm-sentinel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="turn a Hugging Face causal LM into a sentinel model")
+    p.add_argument("--base", required=True, help="base model directory (Llama family)")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="text file or directory of documents")
+    p.add_argument("--out", required=True, help="output model directory")
+    _add_schedule_args(p, None)
+    p.add_argument("--regime", default="sentinel", choices=["sentinel", "local", "scattered", "full"],
+                   help="sentinel (the method) or a baseline trained with the same budget")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; shortens the LR schedule to fit")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
+    p.add_argument("--jitter", type=float, default=0.25, help="relative jitter of span/gap/sink lengths")
+    p.add_argument("--random-spans", type=float, default=0.0, help="share of windows with the paper's random spans")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("make-tiny", help="build the offline default sentinel model from python3.11-doc")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("eval", help="held-out perplexity of a sentinel model under attention regimes")
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    _add_schedule_args(p, None)
+    p.add_argument("--regimes", nargs="+", default=["full", "sentinel", "local", "scattered"])
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=32_768)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SentinelConfigError, FileNotFoundError, ValueError) as err:
+        print(f"vllm-sentinel {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
