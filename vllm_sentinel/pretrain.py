@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .batching import Batch, batch_loss
 from .masks import IGNORE_INDEX, additive_mask
+from .training import steps_in_budget
 
 BASE_VOCAB = 4096  # the sentinels are appended after it: <CL> = 4096, <CR> = 4097
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -99,9 +100,8 @@ def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step == 10:
-            # Fit the schedule to the budget from measured step time.
-            total_steps = max(step + 1, min(cfg.max_steps, int(cfg.time_budget_s * step / (time.time() - started))))
+        if step % 10 == 0:
+            total_steps = steps_in_budget(cfg.time_budget_s, time.time() - started, step, cfg.max_steps)
             bar.total = total_steps
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -111,6 +111,15 @@ class WindowSampler:
 
 # -- the loop --------------------------------------------------------------------------------------
 
+def steps_in_budget(budget_s: float, elapsed_s: float, step: int, max_steps: int) -> int:
+    """Total steps that fit the time budget at the pace so far.
+
+    Re-fitted every few steps rather than once: the first steps are slow (allocator and kernel
+    warm-up), and a one-off estimate would leave much of the budget unused.
+    """
+    return max(step + 1, min(max_steps, int(budget_s * step / max(elapsed_s, 1e-9))))
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -182,10 +191,8 @@ def train(model, tokenizer, train_stream: list[int], heldout_stream: list[int], 
         optimizer.step()
         state["step"] = step + 1
         state["elapsed_s"] = time.time() - started
-        if cfg.time_budget_s and state["step"] == min(5, cfg.steps):
-            # Fit the cosine schedule into the budget from the measured step time.
-            per_step = state["elapsed_s"] / state["step"]
-            state["total_steps"] = max(state["step"], min(cfg.steps, int(cfg.time_budget_s / per_step)))
+        if cfg.time_budget_s and state["step"] % 10 == 0:
+            state["total_steps"] = steps_in_budget(cfg.time_budget_s, state["elapsed_s"], state["step"], cfg.steps)
             bar.total = state["total_steps"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
