@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .config import ScheduleConfig, SentinelConfig
 from .corpus import DEFAULT_CORPUS, corpus_streams, load_documents, split_documents
 from .evaluate import perplexity
@@ -42,15 +40,10 @@ class TinyConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _streams(cfg: TinyConfig, tokenizer) -> tuple[list[int], list[int]]:
-    return corpus_streams(cfg.corpus, tokenizer, cfg.max_documents)
-
-
 def _build_base(cfg: TinyConfig, base_dir: Path) -> None:
     train_docs, _ = split_documents(load_documents(cfg.corpus)[: cfg.max_documents])
     tokenizer = train_tokenizer([d.text for d in train_docs])  # held-out never shapes the vocabulary
-    train_ids, heldout_ids = _streams(cfg, tokenizer)
-    model, stats = pretrain_base(cfg.base, train_ids, heldout_ids)
+    model, stats = pretrain_base(cfg.base, *corpus_streams(cfg.corpus, tokenizer, cfg.max_documents))
     model.save_pretrained(base_dir, safe_serialization=True)
     tokenizer.save_pretrained(base_dir)
     (base_dir / "pretrain_stats.json").write_text(json.dumps(stats, indent=2))
@@ -81,7 +74,7 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig | None = None, force: bool = 
     base_seconds = time.time() - started
 
     model, tokenizer = load_base(base_dir)
-    train_ids, heldout_ids = _streams(cfg, tokenizer)
+    train_ids, heldout_ids = corpus_streams(cfg.corpus, tokenizer, cfg.max_documents)
     window = cfg.recipe.seq_len
     base_full = perplexity(model, heldout_ids, "full", SentinelConfig(schedule=cfg.recipe.schedule),
                            window=window, max_tokens=cfg.eval_tokens)
