@@ -89,10 +89,13 @@ def build_stream(real_ids: list[int] | torch.Tensor, spans, cl_id: int, cr_id: i
     return SentinelStream(input_ids, position_ids, kinds, real_index, span_index, close_pos, labels, mask)
 
 
-def attention_mask(kinds: torch.Tensor, span_index: torch.Tensor, close_pos: torch.Tensor) -> torch.Tensor:
-    """`[T, T]` bool visibility of the semantics page, from per-token kind, span and close position."""
+def attention_mask(kinds: torch.Tensor, span_index: torch.Tensor, close_pos: torch.Tensor,
+                   first_query: int = 0) -> torch.Tensor:
+    """`[T - first_query, T]` bool visibility of the semantics page, from per-token kind, span and
+    close position; rows are the queries from `first_query` on (the engine asks only for a chunk's
+    rows against its cached prefix)."""
     total = kinds.numel()
-    query = torch.arange(total).unsqueeze(1)
+    query = torch.arange(first_query, total).unsqueeze(1)
     key = torch.arange(total).unsqueeze(0)
     causal = key <= query
     real_sees = (kinds[key] == CR) | ((kinds[key] == REAL) & (close_pos[key] > query))

@@ -1,0 +1,145 @@
+"""The engine's physical KV layout and step plans, simulated against the semantics' dense stream.
+
+No vLLM here: a dict stands in for the paged cache (slot -> stream index of the token whose KV
+is stored there). Each chunk's plan must reproduce the stream, write only where the layout says,
+and see exactly what the dense mask lets each token see.
+"""
+import numpy as np
+import pytest
+import torch
+
+from conftest import SCHEDULES
+from vllm_sentinel.config import ScheduleConfig
+from vllm_sentinel.engine.layout import KVLayout, cdiv
+from vllm_sentinel.engine.plan import StepPlan, plan_chunk
+from vllm_sentinel.masks import CL, CR, REAL, build_stream
+from vllm_sentinel.schedule import ScheduledSpans
+
+LAYOUTS = [ScheduleConfig(*s) for s in SCHEDULES] + [ScheduleConfig(0, 2, 0), ScheduleConfig(3, 5, 1)]
+
+
+def stream_for(schedule: ScheduleConfig, n: int):
+    return build_stream(torch.arange(n), ScheduledSpans(schedule).spans(n), cl_id=-1, cr_id=-2)
+
+
+def stream_index(stream, chunk, i: int) -> int:
+    """Stream position of the chunk's token i."""
+    if chunk.kinds[i] == REAL:
+        return int(stream.real_positions[chunk.real_index[i]])
+    kind = CL if chunk.kinds[i] == CL else CR
+    hits = ((stream.kinds == kind) & (stream.span_index == int(chunk.span_index[i]))).nonzero()
+    return int(hits[0, 0])
+
+
+def engine_order(stream) -> list[int]:
+    """The stream as the engine computes it: each <CL> right before its <CR>, when the span closes.
+
+    Equivalent to stream order: a <CL> attends only to itself and only its <CR> attends to it.
+    """
+    order = []
+    for pos in range(len(stream)):
+        if stream.kinds[pos] == CL:
+            continue
+        if stream.kinds[pos] == CR:
+            order.append(int(((stream.kinds == CL) & (stream.span_index == stream.span_index[pos])).nonzero()[0, 0]))
+        order.append(pos)
+    return order
+
+
+def visible_next(stream, n: int) -> set[int]:
+    """What real token n may attend to, itself excluded: what the cache must hold after n tokens."""
+    query = int(stream.real_positions[n])
+    return set(stream.mask[query].nonzero().squeeze(1).tolist()) - {query}
+
+
+@pytest.mark.parametrize("schedule", LAYOUTS, ids=str)
+def test_physical_len_is_the_next_tokens_visible_set(schedule):
+    layout, n_max = KVLayout(schedule), 200
+    stream = stream_for(schedule, n_max + 1)
+    lengths = [layout.physical_len(n) for n in range(n_max + 1)]
+    assert lengths == [len(visible_next(stream, n)) for n in range(n_max + 1)]
+    assert [layout.peak_physical_len(n) for n in range(n_max + 1)] == list(np.maximum.accumulate(lengths))
+    steady = [schedule.sink + (n - schedule.sink) * (schedule.gap + 1) / (schedule.span + schedule.gap)
+              + schedule.span for n in range(n_max + 1)]
+    assert all(p <= s + 1 for p, s in zip(lengths, steady))  # the semantics page's steady-state size
+
+
+def simulate(schedule, n: int, chunk_sizes, block_size: int = 16):
+    """Run the plans chunk by chunk over a fake cache and check every invariant on the way."""
+    layout = KVLayout(schedule)
+    stream = stream_for(schedule, n + 1)
+    expected_order = engine_order(stream)
+    cache: dict[int, int] = {}
+    produced: list[int] = []
+    c = 0
+    for k in chunk_sizes:
+        k = min(k, n - c)
+        if k <= 0:
+            break
+        chunk = plan_chunk(layout, c, k)
+        cached = layout.physical_len(c)
+        assert chunk.cached_len == cached and sorted(cache) == list(range(cached))
+        where = [stream_index(stream, chunk, i) for i in range(chunk.num_tokens)]
+        assert where == expected_order[len(produced): len(produced) + chunk.num_tokens]
+        produced += where
+        assert chunk.positions.tolist() == stream.position_ids[where].tolist()
+        assert chunk.kinds.tolist() == stream.kinds[where].tolist()
+
+        seen = chunk.visibility()
+        for i, query in enumerate(where):
+            got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
+            got |= {where[j] for j in np.flatnonzero(seen[i, cached:].numpy())}
+            assert got == set(stream.mask[query].nonzero().squeeze(1).tolist()), (c, k, i)
+        if chunk.is_plain:
+            assert chunk.slots.tolist() == list(range(cached, cached + k))
+            assert bool(seen[:, :cached].all()) and torch.equal(seen[:, cached:], torch.ones(k, k).tril().bool())
+
+        after = layout.physical_len(c + k)
+        written = chunk.slots[chunk.slots >= 0]
+        assert len(set(written.tolist())) == written.size and (written < after).all()
+        for i in np.flatnonzero(chunk.slots >= 0):
+            cache[int(chunk.slots[i])] = where[i]
+        cache = {slot: idx for slot, idx in cache.items() if slot < after}  # the tail blocks go back
+        assert sorted(cache) == list(range(after))
+        assert set(cache.values()) == visible_next(stream, c + k)
+        held = cdiv(max(cached, after), block_size)
+        assert held <= layout.max_blocks(c + k, block_size)
+        c += k
+    return produced
+
+
+@pytest.mark.parametrize("schedule", LAYOUTS, ids=str)
+def test_token_by_token_decoding(schedule):
+    simulate(schedule, 90, [1] * 90)
+
+
+@pytest.mark.parametrize("schedule", LAYOUTS, ids=str)
+def test_random_chunks_reproduce_the_stream(schedule):
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 61, 333):
+        sizes = rng.integers(1, 70, size=n).tolist()
+        produced = simulate(schedule, n, sizes)
+        assert len(produced) == len(stream_for(schedule, n))
+
+
+@pytest.mark.parametrize("schedule", LAYOUTS, ids=str)
+def test_whole_prompt_in_one_chunk(schedule):
+    simulate(schedule, 400, [400])
+
+
+def test_compression_off_is_the_identity():
+    layout = KVLayout(None)
+    chunk = plan_chunk(layout, 10, 5)
+    assert chunk.is_plain and chunk.slots.tolist() == list(range(10, 15)) and chunk.positions.tolist() == list(range(10, 15))
+    assert layout.physical_len(1000) == 1000 and layout.num_closed(1000) == 0
+
+
+def test_step_plan_concatenates_chunks_and_points_logits_at_real_tokens():
+    layout = KVLayout(ScheduleConfig(0, 4, 0))
+    chunks = [plan_chunk(layout, 0, 8), plan_chunk(layout, 3, 1), plan_chunk(KVLayout(None), 5, 2)]
+    plan = StepPlan.build(chunks)
+    assert plan.query_start.tolist() == [0, 12, 15, 17]
+    # the last real token of a chunk that closes a span sits before its <CL>, <CR>
+    assert plan.logits_rows.tolist() == [9, 12, 16]
+    assert plan.kinds[plan.real_rows].tolist() == [REAL] * 11 and plan.masked_rows == [0, 1]
+    assert plan.num_sentinel_tokens == 6

@@ -1,0 +1,127 @@
+"""Sentinel counters: counted in EngineCore, logged and exported by the front end.
+
+vLLM's stats reach the front end as `SchedulerStats`, a dataclass that msgspec decodes by its
+declared fields, so a subclass or an extra attribute would be dropped on the way. The counters
+therefore ride in `SchedulerStats.running_lora_adapters` (a name -> int dict): the sentinel
+backend refuses LoRA, so vLLM leaves that dict empty and never reads it, and the keys carry a
+`sentinel:` prefix that no LoRA name check would accept.
+
+`SentinelStatLogger` is the `vllm.stat_logger_plugins` entry point: next to vLLM's own periodic
+log line it logs one for the sentinel counters, and it exports them as Prometheus metrics, which
+`vllm serve` serves on /metrics with vLLM's own.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+
+# Under vLLM's logger namespace, so our lines share its handler, format and VLLM_LOGGING_LEVEL.
+logger = logging.getLogger("vllm.sentinel")
+PREFIX = "sentinel:"
+
+
+@dataclass
+class SentinelStats:
+    spans_closed: int = 0          # cumulative
+    sentinel_tokens: int = 0       # cumulative: <CL> and <CR> computed (two per closed span)
+    blocks_freed: int = 0          # cumulative: blocks given back to the pool by compaction
+    logical_tokens: int = 0        # now: real tokens whose KV the running requests represent
+    physical_slots: int = 0        # now: KV slots the running requests actually hold
+    peak_running: int = 0          # most requests running at once
+
+    @property
+    def compression_ratio(self) -> float:
+        """Logical tokens per physical KV slot held right now (1.0 = no saving)."""
+        return self.logical_tokens / self.physical_slots if self.physical_slots else 1.0
+
+    def pack_into(self, scheduler_stats) -> None:
+        scheduler_stats.running_lora_adapters.update({PREFIX + k: v for k, v in asdict(self).items()})
+
+    @classmethod
+    def unpack(cls, scheduler_stats) -> "SentinelStats | None":
+        carried = getattr(scheduler_stats, "running_lora_adapters", None) or {}
+        if PREFIX + "spans_closed" not in carried:
+            return None
+        return cls(**{f.name: int(carried.get(PREFIX + f.name, 0)) for f in fields(cls)})
+
+    def log_line(self) -> str:
+        return (f"Sentinel: {self.spans_closed} spans closed, {self.sentinel_tokens} sentinel tokens, "
+                f"{self.blocks_freed} KV blocks freed by compaction, compression {self.compression_ratio:.2f}x "
+                f"({self.logical_tokens} tokens in {self.physical_slots} KV slots)")
+
+
+class _Prometheus:
+    """The process's sentinel metrics, created once (prometheus_client refuses duplicates)."""
+
+    _instance: "_Prometheus | None" = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        labels = ["model_name", "engine"]
+        self.spans_closed = Counter("vllm_sentinel:spans_closed", "Spans compressed into a <CR>.", labels)
+        self.sentinel_tokens = Counter("vllm_sentinel:sentinel_tokens", "Sentinel tokens (<CL>, <CR>) computed.",
+                                       labels)
+        self.blocks_freed = Counter("vllm_sentinel:kv_blocks_freed", "KV blocks returned to the pool by compaction.",
+                                    labels)
+        self.compression_ratio = Gauge("vllm_sentinel:kv_compression_ratio",
+                                       "Real tokens per KV slot held by running requests.", labels,
+                                       multiprocess_mode="mostrecent")
+        self.physical_slots = Gauge("vllm_sentinel:kv_slots_held", "KV slots held by running requests.", labels,
+                                    multiprocess_mode="mostrecent")
+        self.logical_tokens = Gauge("vllm_sentinel:kv_tokens_represented",
+                                    "Real tokens whose KV the running requests represent.", labels,
+                                    multiprocess_mode="mostrecent")
+
+    @classmethod
+    def get(cls) -> "_Prometheus":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+def _stat_logger_base():
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    return StatLoggerBase
+
+
+class SentinelStatLogger(_stat_logger_base()):
+    """Logs and exports the sentinel counters of one engine; inert unless the sentinel backend runs."""
+
+    def __init__(self, vllm_config, engine_index: int = 0):
+        from .settings import EngineSettings, KEY
+
+        self.active = EngineSettings.is_resolved((vllm_config.additional_config or {}).get(KEY))
+        self.engine_index = engine_index
+        self.labels = {"model_name": vllm_config.model_config.served_model_name, "engine": str(engine_index)}
+        self.last: SentinelStats | None = None
+        self.logged: SentinelStats | None = None
+        self.exported = SentinelStats()
+        if self.active:
+            self.prometheus = _Prometheus.get()
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if not self.active or scheduler_stats is None:
+            return
+        stats = SentinelStats.unpack(scheduler_stats)
+        if stats is None:
+            return
+        prom, labels = self.prometheus, self.labels
+        prom.spans_closed.labels(**labels).inc(stats.spans_closed - self.exported.spans_closed)
+        prom.sentinel_tokens.labels(**labels).inc(stats.sentinel_tokens - self.exported.sentinel_tokens)
+        prom.blocks_freed.labels(**labels).inc(stats.blocks_freed - self.exported.blocks_freed)
+        prom.compression_ratio.labels(**labels).set(stats.compression_ratio)
+        prom.physical_slots.labels(**labels).set(stats.physical_slots)
+        prom.logical_tokens.labels(**labels).set(stats.logical_tokens)
+        self.exported = stats
+        self.last = stats
+
+    def log(self):
+        if self.active and self.last is not None and self.last != self.logged:
+            logger.info("Engine %03d: %s", self.engine_index, self.last.log_line())
+            self.logged = self.last
+
+    def log_engine_initialized(self):
+        if self.active:
+            logger.info("Engine %03d: sentinel compression active", self.engine_index)

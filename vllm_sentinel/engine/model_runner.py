@@ -1,0 +1,183 @@
+"""The model runner: expands each step's real tokens into the sentinel stream, and masks sentinels.
+
+The scheduler's `SchedulerOutput` speaks of real tokens only. The runner
+- plans each request's chunk (`plan_chunk`): `<CL>`/`<CR>` after every closing token, logical
+  positions, physical slots;
+- runs vLLM's `execute_model` on a copy of the output whose token counts include the sentinels,
+  with its own `_prepare_inputs` filling ids, positions, physical sequence lengths and slots;
+- samples from each request's last *real* token, and never a sentinel (their logits are -inf);
+- mirrors the KV manager's block trim before new block ids are appended (both follow from the
+  computed-token count alone, see kv_cache_manager.py);
+- hands prompt logprobs the real tokens' hidden states only.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from ..masks import CL, REAL
+from .backend import SentinelAttentionMetadataBuilder, SentinelStepState
+from .kv_cache_manager import kept_blocks
+from .layout import KVLayout
+from .plan import ChunkPlan, StepPlan, plan_chunk
+from .settings import EngineSettings
+
+
+class SentinelModelRunnerMixin:
+    """The sentinel behaviour, for any `GPUModelRunner` subclass (the CPU one here)."""
+
+    def _init_sentinel(self) -> None:
+        self.sentinel = EngineSettings.of(self.vllm_config)
+        self.sentinel_step = SentinelStepState()
+        self.sentinel_layouts: dict[str, KVLayout] = {}
+        self._sentinel_chunks: dict[str, ChunkPlan] = {}
+        self._sentinel_plan: StepPlan | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        compute_logits = self.model.compute_logits
+        sentinel_ids = list(self.sentinel.sentinel_ids)
+
+        def compute_logits_without_sentinels(*logit_args, **logit_kwargs):
+            # Sentinels are never targets: masking them here (not in a logits processor, which runs
+            # after raw logprobs are taken) keeps them out of samples *and* returned logprobs.
+            logits = compute_logits(*logit_args, **logit_kwargs)
+            if logits is not None:
+                logits[..., sentinel_ids] = float("-inf")
+            return logits
+
+        self.model.compute_logits = compute_logits_without_sentinels
+
+    def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes) -> None:
+        super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
+        for group, spec in zip(self.attn_groups, kv_cache_config.kv_cache_groups):
+            for attn_group in group:
+                for builder in attn_group.metadata_builders:
+                    if isinstance(builder, SentinelAttentionMetadataBuilder):
+                        builder.step = self.sentinel_step
+        for table, group in zip(self.input_batch.block_table.block_tables, kv_cache_config.kv_cache_groups):
+            if table.block_size != group.kv_cache_spec.block_size:
+                raise NotImplementedError(
+                    f"the sentinel backend needs kernel blocks equal to KV cache blocks; got kernel block size "
+                    f"{table.block_size} for blocks of {group.kv_cache_spec.block_size}: set --block-size to a "
+                    "size the attention kernel supports directly (a multiple of 32 on CPU)")
+
+    # -- one step -------------------------------------------------------------------------------
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        for req_id in scheduler_output.finished_req_ids:
+            self.sentinel_layouts.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self.sentinel_layouts[new.req_id] = self.sentinel.request_layout(new.sampling_params)
+        computed = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        self._sentinel_chunks = {
+            req_id: plan_chunk(self.sentinel_layouts[req_id], computed[req_id], num_real)
+            for req_id, num_real in scheduler_output.num_scheduled_tokens.items()}
+        expanded = {req_id: chunk.num_tokens for req_id, chunk in self._sentinel_chunks.items()}
+        total = sum(expanded.values())
+        if total > self.max_num_tokens:
+            raise RuntimeError(f"a step of {total} tokens with sentinels exceeds the worker's {self.max_num_tokens}; "
+                               "the sentinel config hook should have reserved room for them")
+        self._sentinel_plan = None
+        try:
+            return super().execute_model(
+                replace(scheduler_output, num_scheduled_tokens=expanded, total_num_scheduled_tokens=total),
+                intermediate_tensors)
+        finally:
+            self.sentinel_step.plan = None  # dummy runs between steps must see no plan
+
+    def _update_states(self, scheduler_output):
+        # The KV manager trimmed each running request to cdiv(p(c), block_size) blocks before
+        # allocating; drop the same tail here so new block ids land at the right index.
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
+            if req_id in cached.resumed_req_ids:
+                continue  # a resumed request gets its whole block list anew
+            state = self.requests[req_id]
+            row = self.input_batch.req_id_to_index.get(req_id)
+            for group, (block_ids, table) in enumerate(zip(state.block_ids, self.input_batch.block_table.block_tables)):
+                keep = kept_blocks(self.sentinel_layouts[req_id], num_computed, table.block_size)
+                del block_ids[keep:]
+                if row is not None:
+                    table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row], keep)
+        return super()._update_states(scheduler_output)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        plan = StepPlan.build([self._sentinel_chunks[req_id] for req_id in batch.req_ids])
+        assert np.array_equal(np.diff(plan.query_start), num_scheduled_tokens), "batch order changed under the plan"
+        n = plan.num_tokens
+        batch.block_table.commit_block_table(num_reqs)
+        rows = np.repeat(np.arange(num_reqs), np.diff(plan.query_start))
+
+        is_real = plan.kinds == REAL
+        cl_id, cr_id = self.sentinel.sentinel_ids
+        ids = np.where(plan.kinds == CL, cl_id, cr_id).astype(np.int32)
+        ids[is_real] = batch.token_ids_cpu[rows[is_real], plan.positions[is_real]]
+        self.input_ids.np[:n] = ids
+        self.input_ids.copy_to_gpu(n)
+        self.positions[:n].copy_(torch.from_numpy(plan.positions), non_blocking=True)
+
+        self.query_start_loc.np[: num_reqs + 1] = plan.query_start
+        self.query_start_loc.np[num_reqs + 1:].fill(n)
+        self.query_start_loc.copy_to_gpu()
+
+        # Physical lengths: exact for plain chunks (the kernel's seq_lens), an upper bound otherwise.
+        seq_lens = torch.tensor([ch.cached_len + ch.num_tokens for ch in plan.chunks], dtype=torch.int32)
+        self.optimistic_seq_lens_cpu[:num_reqs] = seq_lens
+        self.optimistic_seq_lens_cpu[num_reqs:].fill_(0)
+        self.seq_lens[:num_reqs].copy_(seq_lens, non_blocking=True)
+        self.seq_lens[num_reqs:].fill_(0)
+        self.num_computed_tokens[:num_reqs].copy_(batch.num_computed_tokens_cpu_tensor[:num_reqs], non_blocking=True)
+
+        # A partial prefill must not sample: decided on real tokens, not on the expanded count.
+        num_real = np.array([ch.num_real for ch in plan.chunks])
+        num_tokens = np.array([self.requests[req_id].num_tokens for req_id in batch.req_ids])
+        self.discard_request_mask.np[:num_reqs] = batch.num_computed_tokens_cpu[:num_reqs] + num_real < num_tokens
+        self.discard_request_mask.copy_to_gpu(num_reqs)
+        self.num_accepted_tokens.np.fill(1)
+        self.num_accepted_tokens.gpu.fill_(1)
+
+        physical = plan.physical_slots
+        stored = physical >= 0
+        for table in batch.block_table.block_tables:
+            block_index = np.where(stored, physical // table.block_size, 0)
+            if (block_index[stored] >= table.num_blocks_per_row[rows[stored]]).any():
+                raise RuntimeError("a sentinel KV slot lies past the blocks the scheduler allocated; "
+                                   "the worker and the KV manager disagree on the layout")
+            slots = table.block_table.np[rows, block_index].astype(np.int64) * table.block_size
+            table.slot_mapping.np[:n] = np.where(stored, slots + physical % table.block_size, -1)
+            table.slot_mapping.copy_to_gpu(n)
+
+        self._sentinel_plan = self.sentinel_step.plan = plan
+        logits_indices = torch.from_numpy(plan.logits_rows).to(self.device)
+        return logits_indices, None, 1
+
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        plan = self._sentinel_plan
+        if not self.num_prompt_logprobs or plan is None:
+            return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
+        # Prompt logprobs belong to real tokens: drop the sentinel rows and count real tokens only.
+        num_reqs = self.input_batch.num_reqs
+        real_counts = {req_id: self._sentinel_chunks[req_id].num_real for req_id in num_scheduled_tokens}
+        expanded_start = self.query_start_loc.np[: num_reqs + 1].copy()
+        real_start = np.zeros(num_reqs + 1, dtype=expanded_start.dtype)
+        np.cumsum([real_counts[req_id] for req_id in self.input_batch.req_ids], out=real_start[1:])
+        self.query_start_loc.np[: num_reqs + 1] = real_start
+        try:
+            rows = torch.from_numpy(plan.real_rows).to(hidden_states.device)
+            return super()._get_prompt_logprobs_dict(hidden_states[rows], real_counts)
+        finally:
+            self.query_start_loc.np[: num_reqs + 1] = expanded_start
+
+
+class SentinelCPUModelRunner(SentinelModelRunnerMixin, CPUModelRunner):
+    def __init__(self, vllm_config, device) -> None:
+        super().__init__(vllm_config, device)
+        self._init_sentinel()

@@ -1,0 +1,77 @@
+"""`SentinelScheduler`: vLLM's scheduler plus each request's KV layout and the sentinel counters.
+
+Scheduling itself is untouched: real tokens only, so max_tokens, stop checks, usage and
+max_model_len never see a sentinel. The scheduler
+- decides each request's layout on arrival (its schedule, or none) and shares the table with the
+  `SentinelAttentionManager`s, which size and trim blocks by physical length;
+- counts the spans each step closes (the worker computes their <CL>/<CR> in that same step);
+- reports the counters through `SchedulerStats` (see metrics.py).
+"""
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from .kv_cache_manager import SentinelAttentionManager
+from .layout import KVLayout
+from .metrics import SentinelStats
+from .settings import EngineSettings
+
+logger = init_logger("vllm.sentinel")
+
+
+class SentinelScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.sentinel = EngineSettings.of(vllm_config)
+        self.layouts: dict[str, KVLayout] = {}
+        self.sentinel_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
+                                  if isinstance(m, SentinelAttentionManager)]
+        if not self.sentinel_managers:
+            raise RuntimeError("the sentinel scheduler found no SentinelAttentionManager: the model's attention "
+                               "layers did not get the sentinel KV cache spec")
+        for manager in self.sentinel_managers:
+            manager.attach(self.layouts)
+        self.sentinel_stats = SentinelStats()
+        logger.info("sentinel compression on: <CL>=%d <CR>=%d, default schedule %s",
+                    self.sentinel.cl_token_id, self.sentinel.cr_token_id, self.sentinel.schedule)
+
+    def add_request(self, request) -> None:
+        if request.request_id not in self.requests:
+            self.layouts[request.request_id] = self.sentinel.request_layout(request.sampling_params)
+        super().add_request(request)
+
+    def _free_blocks(self, request) -> None:
+        super()._free_blocks(request)
+        self.layouts.pop(request.request_id, None)
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        closed = 0
+        for req_id, num_tokens in output.num_scheduled_tokens.items():
+            layout = self.layouts.get(req_id)
+            if layout is not None and layout.compresses:
+                end = self.requests[req_id].num_computed_tokens  # already advanced past this step
+                closed += layout.num_closed(end) - layout.num_closed(end - num_tokens)
+        stats = self.sentinel_stats
+        stats.spans_closed += closed
+        stats.sentinel_tokens += 2 * closed
+        stats.peak_running = max(stats.peak_running, len(self.running))
+        return output
+
+    def current_sentinel_stats(self) -> SentinelStats:
+        stats = self.sentinel_stats
+        stats.blocks_freed = sum(m.num_blocks_freed for m in self.sentinel_managers)
+        stats.logical_tokens = stats.physical_slots = 0
+        for request in self.running:
+            layout = self.layouts.get(request.request_id)
+            if layout is not None:
+                stats.logical_tokens += request.num_computed_tokens
+                stats.physical_slots += layout.physical_len(request.num_computed_tokens)
+        return stats
+
+    def make_stats(self, *args, **kwargs):
+        scheduler_stats = super().make_stats(*args, **kwargs)
+        if scheduler_stats is not None:
+            self.current_sentinel_stats().pack_into(scheduler_stats)
+        return scheduler_stats
