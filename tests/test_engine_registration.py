@@ -1,0 +1,93 @@
+"""What the plugin registers in every vLLM process, and the backend's KV cache reader."""
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+
+
+@pytest.mark.parametrize("name", ["sentinel", "SENTINEL", "Sentinel"])
+def test_the_backend_name_is_accepted_in_any_case(plugin, name):
+    from vllm.config import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = AttentionConfig(backend=name).backend
+    assert backend is AttentionBackendEnum.CUSTOM
+    assert backend.get_path() == "vllm_sentinel.engine.backend.SentinelAttentionBackend"
+
+
+def test_the_selection_unpickles_in_a_process_that_has_not_loaded_the_plugin(plugin):
+    """EngineCore and workers unpickle the config before they load plugins."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    data = pickle.dumps(AttentionBackendEnum["SENTINEL"])
+    code = ("import pickle, sys; from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; "
+            "assert pickle.loads(sys.stdin.buffer.read()) is E.CUSTOM; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith(b"ok"), result.stderr[-2000:]
+
+
+def test_the_platform_routes_only_the_sentinel_selection(plugin):
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    selector = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=128)
+    assert current_platform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, selector).endswith("SentinelAttentionBackend")
+    assert current_platform.get_attn_backend_cls(None, selector) == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def test_the_kv_spec_maps_to_the_sentinel_manager_and_full_attention_is_untouched(plugin):
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from vllm_sentinel.engine.backend import SentinelAttentionBackend
+    from vllm_sentinel.engine.kv_cache_manager import SentinelAttentionManager, SentinelAttentionSpec
+
+    full = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    ours = SentinelAttentionBackend.customize_spec(full)
+    assert isinstance(ours, SentinelAttentionSpec) and ours.page_size_bytes == full.page_size_bytes
+    assert SentinelAttentionSpec.merge([ours, ours]) == ours
+    assert KVCacheSpecRegistry.get_manager_class(ours) is SentinelAttentionManager
+    assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size, heads, head_size", [(32, 2, 64), (128, 1, 128)])
+def test_the_kv_reader_learns_the_kernels_layout_and_reads_back_what_it_wrote(dtype, block_size, heads, head_size):
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_sentinel.engine.backend import PagedKVReader
+
+    isa = _get_attn_isa(dtype, block_size, head_size)
+
+    def write(key, value, cache, slots):
+        view = cache.view(cache.shape[0], heads, block_size * 2, head_size)
+        key_cache, value_cache = view.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    block_shape = (heads, block_size, 2 * head_size)
+    reader = PagedKVReader(write, block_shape, dtype, block_size, heads, head_size)
+    cache = torch.zeros(5, *block_shape, dtype=dtype)
+    slots = torch.tensor([3, block_size + 1, 4 * block_size - 1, 2 * block_size, -1])
+    keys = torch.randn(5, heads, head_size).to(dtype)
+    values = torch.randn(5, heads, head_size).to(dtype)
+    write(keys, values, cache, slots)
+    got_k, got_v = reader.read(cache, slots[:4])
+    assert torch.equal(got_k, keys[:4]) and torch.equal(got_v, values[:4])
+    # slot -1 means "do not store": nothing else in the cache was touched
+    untouched = torch.ones(5 * block_size, dtype=torch.bool)
+    untouched[slots[:4]] = False
+    rest_k, rest_v = reader.read(cache, untouched.nonzero().squeeze(1))
+    assert not rest_k.any() and not rest_v.any()
