@@ -15,10 +15,7 @@ import torch
 from .config import ScheduleConfig, SentinelConfig
 from .corpus import DEFAULT_CORPUS, load_documents
 from .pretrain import train_tokenizer
-
-# A chat template, so /v1/chat/completions works with models that never saw a chat format.
-CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
+from .training import DEFAULT_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ def write_random_sentinel_model(out_dir: str | Path, shape: LlamaShape = LlamaSh
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or corpus_tokenizer(shape.base_vocab)
     tokenizer.add_tokens(["<CL>", "<CR>"], special_tokens=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     cl_id, cr_id = tokenizer.convert_tokens_to_ids(["<CL>", "<CR>"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden_size, head_dim=shape.head_dim,
                          intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,

@@ -20,7 +20,7 @@ from .config import ScheduleConfig, SentinelConfig
 from .corpus import DEFAULT_CORPUS, corpus_streams, load_documents, split_documents
 from .evaluate import perplexity
 from .pretrain import BaseModelConfig, pretrain_base, train_tokenizer
-from .training import TrainConfig, add_sentinel_tokens, load_base, train
+from .training import DEFAULT_CHAT_TEMPLATE, TrainConfig, add_sentinel_tokens, load_base, train
 
 REPORT_FILE = "make_tiny_report.json"
 
@@ -49,6 +49,15 @@ def _build_base(cfg: TinyConfig, base_dir: Path) -> None:
     (base_dir / "pretrain_stats.json").write_text(json.dumps(stats, indent=2))
 
 
+def _add_chat_template(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.save_pretrained(model_dir)
+
+
 def compressed_baseline_perplexity(base_dir: Path, heldout: list[int], cfg: TinyConfig) -> float:
     """The base model with the two tokens added but untrained, evaluated compressed."""
     model, tokenizer = load_base(base_dir)
@@ -64,6 +73,7 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig | None = None, force: bool = 
     if not force and report_path.is_file():
         report = json.loads(report_path.read_text())
         if report.get("fingerprint") == cfg.fingerprint():
+            _add_chat_template(out_dir)  # models built before the recipe wrote one
             return report
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)

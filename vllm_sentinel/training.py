@@ -27,6 +27,9 @@ from .oracle import check_custom_mask_support
 from .schedule import JitteredSpans, RandomSpans
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# For base models that never had a chat format, so `/v1/chat/completions` works on the result.
+DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @dataclass
@@ -207,6 +210,8 @@ def train(model, tokenizer, train_stream: list[int], heldout_stream: list[int], 
     final = merged(model)
     final.eval()
     final.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     if cfg.regime == "sentinel":
         sentinel.save(out_dir)
