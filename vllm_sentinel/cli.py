@@ -1,4 +1,4 @@
-"""`vllm-sentinel`: the command line (train, make-tiny, eval)."""
+"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch)."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,31 @@ def cmd_eval(args) -> None:
         print(f"{regime:>10}: held-out perplexity {ppl:.3f}")
 
 
+def _bytes(text: str) -> int:
+    """'1G', '512M', '64k' or a plain number of bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def cmd_batch(args) -> None:
+    from .batch import BatchConfig, batch_file
+
+    engine_kwargs = {"dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+                     "enforce_eager": args.enforce_eager, **json.loads(args.engine_args)}
+    if args.max_model_len:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    sentinel = {name: getattr(args, name) for name in ("sink", "span", "gap") if getattr(args, name) is not None}
+    config = BatchConfig(model=args.model, backend=args.backend, replicas=args.replicas,
+                         tensor_parallel_size=args.tensor_parallel_size, max_tokens=args.max_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
+                         sentinel=sentinel or None, engine_kwargs=engine_kwargs)
+    summary = batch_file(args.input, args.output, config, address=args.address)
+    print(f"{summary['rows']} rows written to {summary['output']} ({summary['failed']} failed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .corpus import DEFAULT_CORPUS
 
@@ -100,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--tokens", type=int, default=32_768)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("batch", help="offline batch inference on Ray Data's vLLM processor",
+                       description="One output line per input line (JSONL: {\"id\": ..., \"prompt\": \"...\"} or "
+                                   "{\"prompt_token_ids\": [...]}), in input order; a failed row carries its error.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--input", required=True, help="prompts, one JSON object per line")
+    p.add_argument("--output", required=True, help="results, one JSON object per input line")
+    p.add_argument("--replicas", type=int, default=1, help="vLLM engines working in parallel")
+    p.add_argument("--backend", choices=["sentinel", "stock"], default="sentinel")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism per replica")
+    p.add_argument("--address", default=None, help="Ray cluster address (`auto` after `ray start`); default: local")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    _add_schedule_args(p, None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-memory-bytes", type=_bytes, default="1G", help="KV cache per replica, e.g. 1G")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
+    p.add_argument("--engine-args", default="{}", help="more vLLM engine arguments as JSON")
+    p.set_defaults(func=cmd_batch)
     return parser
 
 
