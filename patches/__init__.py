@@ -9,11 +9,12 @@ one place they are applied from (the plugin entry point calls it in every vLLM p
 - platform_attention_backend: the platform's selector returns the sentinel backend.
 - platform_engine_config: the sentinel engine is set up when the config is finalised.
 - input_validation: sentinel ids in prompts and bad per-request options fail one request, early.
+- offline_stat_loggers: `LLM` gets the stat-logger plugins (`vllm serve` already does).
 """
 from __future__ import annotations
 
-from . import (attention_backend_name, input_validation, platform_attention_backend, platform_engine_config,
-               vllm_cpu_version)
+from . import (attention_backend_name, input_validation, offline_stat_loggers, platform_attention_backend,
+               platform_engine_config, vllm_cpu_version)
 
 _applied = False
 
@@ -30,4 +31,5 @@ def apply_all() -> None:
     platform_engine_config.apply(engine_config.sentinel_selected, engine_config.refuse_incompatible,
                                  engine_config.configure)
     input_validation.apply(engine_config.settings_of)
+    offline_stat_loggers.apply()
     _applied = True

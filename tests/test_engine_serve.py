@@ -122,9 +122,9 @@ def test_counters_reach_metrics_and_the_log(server):
     client.completions.create(model=model, prompt="a b c d " * 40, max_tokens=64, extra_body={"ignore_eos": True})
     time.sleep(1)
     text = urllib.request.urlopen(server["base"] + "/metrics", timeout=10).read().decode()
-    assert metric(text, "vllm_sentinel:spans_closed_total") > 0
-    assert metric(text, "vllm_sentinel:sentinel_tokens_total") == 2 * metric(text, "vllm_sentinel:spans_closed_total")
-    assert metric(text, "vllm_sentinel:kv_blocks_freed_total") >= 0
+    assert metric(text, "vllm:sentinel_spans_closed_total") > 0
+    assert metric(text, "vllm:sentinel_tokens_total") == 2 * metric(text, "vllm:sentinel_spans_closed_total")
+    assert metric(text, "vllm:sentinel_kv_blocks_freed_total") >= 0
     assert "vllm:kv_cache_usage_perc" in text  # vLLM's own metrics are still there
     deadline = time.time() + 20  # vLLM logs stats every 5 s
     while "Sentinel:" not in server["log"].read_text() and time.time() < deadline:
@@ -142,3 +142,12 @@ def test_the_api_server_module_accepts_the_backend_and_a_missing_config_is_expla
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"{tmp_path}/sentinel_config.json not found" in output and "vllm-sentinel train" in output
+
+
+def test_the_openai_streaming_example_runs_against_the_server(server):
+    example = Path(__file__).resolve().parent.parent / "examples" / "openai_stream.py"
+    result = subprocess.run([sys.executable, str(example), "--base-url", server["base"] + "/v1",
+                             "--model", server["model"], "--max-tokens", "16"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "completion: " in result.stdout and "chat: " in result.stdout and "without compression: " in result.stdout
+    assert no_sentinel_text(result.stdout)

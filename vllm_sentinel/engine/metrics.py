@@ -7,8 +7,8 @@ backend refuses LoRA, so vLLM leaves that dict empty and never reads it, and the
 `sentinel:` prefix that no LoRA name check would accept.
 
 `SentinelStatLogger` is the `vllm.stat_logger_plugins` entry point: next to vLLM's own periodic
-log line it logs one for the sentinel counters, and it exports them as Prometheus metrics, which
-`vllm serve` serves on /metrics with vLLM's own.
+log line it logs one for the sentinel counters, and it exports them as Prometheus metrics
+(`vllm:sentinel_*`), which `vllm serve` serves on /metrics and `LLM.get_metrics()` returns.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class SentinelStats:
 
 
 class _Prometheus:
-    """The process's sentinel metrics, created once (prometheus_client refuses duplicates)."""
+    """The process's sentinel metrics, next to vLLM's (the `vllm:` prefix puts them in
+    `LLM.get_metrics()` too). Created once: prometheus_client refuses duplicate names."""
 
     _instance: "_Prometheus | None" = None
 
@@ -59,24 +60,32 @@ class _Prometheus:
         from prometheus_client import Counter, Gauge
 
         labels = ["model_name", "engine"]
-        self.spans_closed = Counter("vllm_sentinel:spans_closed", "Spans compressed into a <CR>.", labels)
-        self.sentinel_tokens = Counter("vllm_sentinel:sentinel_tokens", "Sentinel tokens (<CL>, <CR>) computed.",
-                                       labels)
-        self.blocks_freed = Counter("vllm_sentinel:kv_blocks_freed", "KV blocks returned to the pool by compaction.",
+        self.spans_closed = Counter("vllm:sentinel_spans_closed", "Spans compressed into a <CR>.", labels)
+        self.sentinel_tokens = Counter("vllm:sentinel_tokens", "Sentinel tokens (<CL>, <CR>) computed.", labels)
+        self.blocks_freed = Counter("vllm:sentinel_kv_blocks_freed", "KV blocks returned to the pool by compaction.",
                                     labels)
-        self.compression_ratio = Gauge("vllm_sentinel:kv_compression_ratio",
+        self.compression_ratio = Gauge("vllm:sentinel_kv_compression_ratio",
                                        "Real tokens per KV slot held by running requests.", labels,
                                        multiprocess_mode="mostrecent")
-        self.physical_slots = Gauge("vllm_sentinel:kv_slots_held", "KV slots held by running requests.", labels,
+        self.physical_slots = Gauge("vllm:sentinel_kv_slots_held", "KV slots held by running requests.", labels,
                                     multiprocess_mode="mostrecent")
-        self.logical_tokens = Gauge("vllm_sentinel:kv_tokens_represented",
+        self.logical_tokens = Gauge("vllm:sentinel_kv_tokens_represented",
                                     "Real tokens whose KV the running requests represent.", labels,
                                     multiprocess_mode="mostrecent")
+        self.collectors = [self.spans_closed, self.sentinel_tokens, self.blocks_freed, self.compression_ratio,
+                           self.physical_slots, self.logical_tokens]
 
     @classmethod
     def get(cls) -> "_Prometheus":
+        """The metrics, registered: vLLM's Prometheus logger unregisters every `vllm:` collector
+        when an engine starts, so a second engine in the same process re-registers ours."""
+        from prometheus_client import REGISTRY
+
         if cls._instance is None:
             cls._instance = cls()
+        for collector in cls._instance.collectors:
+            if collector not in REGISTRY._collector_to_names:
+                REGISTRY.register(collector)
         return cls._instance
 
 
@@ -98,8 +107,8 @@ class SentinelStatLogger(_stat_logger_base()):
         self.last: SentinelStats | None = None
         self.logged: SentinelStats | None = None
         self.exported = SentinelStats()
-        if self.active:
-            self.prometheus = _Prometheus.get()
+        self.prometheus: _Prometheus | None = None  # on first record: after vLLM's logger has unregistered
+
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if not self.active or scheduler_stats is None:
@@ -107,6 +116,8 @@ class SentinelStatLogger(_stat_logger_base()):
         stats = SentinelStats.unpack(scheduler_stats)
         if stats is None:
             return
+        if self.prometheus is None:
+            self.prometheus = _Prometheus.get()
         prom, labels = self.prometheus, self.labels
         prom.spans_closed.labels(**labels).inc(stats.spans_closed - self.exported.spans_closed)
         prom.sentinel_tokens.labels(**labels).inc(stats.sentinel_tokens - self.exported.sentinel_tokens)

@@ -1,0 +1,77 @@
+"""Every script in examples/ runs as written (on small models and budgets); openai_stream.py runs in
+test_engine_serve.py, next to the server it needs."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_sentinel.corpus import DEFAULT_CORPUS
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str, timeout: int = 900) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_every_example_is_covered():
+    covered = {"offline_generate.py", "ray_batch.py", "train_sentinel.py", "sweep_tiny_base.py", "openai_stream.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == covered
+
+
+def test_offline_generate_shows_the_sentinel_engine_holding_fewer_blocks(sentinel_model_dir):
+    out = run_example("offline_generate.py", "--model", str(sentinel_model_dir), "--num-prompts", "8",
+                      "--max-tokens", "200", "--kv-blocks", "24", "--enforce-eager")
+    numbers = {}
+    for backend in ("stock", "sentinel"):
+        line = re.search(rf"^\s*{backend}: .*$", out, re.M).group(0)
+        numbers[backend] = {key: int(value) for key, value in re.findall(r"(peak KV blocks held|preemptions) +(\d+)", line)}
+    assert numbers["stock"]["preemptions"] > 0 and numbers["sentinel"]["preemptions"] == 0
+    assert numbers["sentinel"]["peak KV blocks held"] < numbers["stock"]["peak KV blocks held"]
+    assert "sentinel completion of" in out
+
+
+def test_ray_batch_answers_every_row(sentinel_model_dir):
+    out = run_example("ray_batch.py", "--model", str(sentinel_model_dir), "--replicas", "2", "--rows", "8",
+                      "--max-tokens", "8", "--enforce-eager")
+    lines = [line for line in out.splitlines() if re.match(r"^\d+ ", line)]
+    assert [int(line.split()[0]) for line in lines] == list(range(8))
+    assert all("Error" not in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory):
+    """A small Llama with a corpus tokenizer and no sentinel tokens: what users start from."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_sentinel.random_model import corpus_tokenizer
+
+    out = tmp_path_factory.mktemp("base")
+    tokenizer = corpus_tokenizer(4096)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_train_sentinel_turns_a_base_model_into_a_sentinel_model(base_model_dir, tmp_path):
+    out_dir = tmp_path / "sentinel"
+    out = run_example("train_sentinel.py", "--base", str(base_model_dir), "--out", str(out_dir),
+                      "--corpus", str(DEFAULT_CORPUS / "tutorial"), "--steps", "3", "--seq-len", "64",
+                      "--eval-tokens", "512")
+    assert re.search(r"held-out perplexity, full attention: [\d.]+", out)
+    assert re.search(r"held-out perplexity, sentinel attention: [\d.]+", out)
+    assert (out_dir / "sentinel_config.json").is_file() and (out_dir / "model.safetensors").is_file()
+
+
+def test_the_base_model_size_sweep_prints_its_table():
+    out = run_example("sweep_tiny_base.py", "--budget", "1", "--corpus", str(DEFAULT_CORPUS / "tutorial"))
+    table = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == 3 and all(float(line.split("|")[-2]) > 1 for line in table)
