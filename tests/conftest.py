@@ -41,3 +41,20 @@ def sentinel_model_dir(tmp_path_factory):
                                                 intermediate_size=256),
                                 ScheduleConfig(*ENGINE_MODEL_SCHEDULE), init_std=0.1, logit_scale=8.0)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory):
+    """A small Llama with a corpus tokenizer and no sentinel tokens: what users start from."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_sentinel.random_model import corpus_tokenizer
+
+    out = tmp_path_factory.mktemp("base")
+    tokenizer = corpus_tokenizer(4096)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -135,11 +135,31 @@ def test_compression_off_is_the_identity():
 
 
 def test_step_plan_concatenates_chunks_and_points_logits_at_real_tokens():
-    layout = KVLayout(ScheduleConfig(0, 4, 0))
-    chunks = [plan_chunk(layout, 0, 8), plan_chunk(layout, 3, 1), plan_chunk(KVLayout(None), 5, 2)]
-    plan = StepPlan.build(chunks)
+    layouts = [KVLayout(ScheduleConfig(0, 4, 0)), KVLayout(ScheduleConfig(0, 4, 0)), KVLayout(None)]
+    plan = StepPlan.build(layouts, [0, 3, 5], [8, 1, 2])
     assert plan.query_start.tolist() == [0, 12, 15, 17]
     # the last real token of a chunk that closes a span sits before its <CL>, <CR>
     assert plan.logits_rows.tolist() == [9, 12, 16]
     assert plan.kinds[plan.real_rows].tolist() == [REAL] * 11 and plan.masked_rows == [0, 1]
     assert plan.num_sentinel_tokens == 6
+
+
+def test_the_vectorised_step_plan_equals_the_chunk_plans_it_batches():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        layouts, computed, num_real = [], [], []
+        for _ in range(rng.integers(1, 20)):
+            layouts.append(KVLayout(None if rng.random() < 0.2 else LAYOUTS[rng.integers(len(LAYOUTS))]))
+            computed.append(int(rng.integers(0, 300)))
+            num_real.append(int(rng.choice([1, 1, 1, rng.integers(1, 200)])))
+        plan = StepPlan.build(layouts, computed, num_real)
+        chunks = [plan_chunk(layout, c, k) for layout, c, k in zip(layouts, computed, num_real)]
+        assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
+        assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
+        assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
+        assert np.diff(plan.query_start).tolist() == [ch.num_tokens for ch in chunks]
+        assert plan.cached_len.tolist() == [ch.cached_len for ch in chunks]
+        assert plan.num_closings.tolist() == [ch.num_closings for ch in chunks]
+        assert (plan.logits_rows - plan.query_start[:-1]).tolist() == [ch.last_real for ch in chunks]
+        assert [layout.num_tokens_with_sentinels(c, k) for layout, c, k in zip(layouts, computed, num_real)] == \
+            [ch.num_tokens for ch in chunks]

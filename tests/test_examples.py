@@ -44,23 +44,6 @@ def test_ray_batch_answers_every_row(sentinel_model_dir):
     assert all("Error" not in line for line in lines)
 
 
-@pytest.fixture(scope="module")
-def base_model_dir(tmp_path_factory):
-    """A small Llama with a corpus tokenizer and no sentinel tokens: what users start from."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from vllm_sentinel.random_model import corpus_tokenizer
-
-    out = tmp_path_factory.mktemp("base")
-    tokenizer = corpus_tokenizer(4096)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def test_train_sentinel_turns_a_base_model_into_a_sentinel_model(base_model_dir, tmp_path):
     out_dir = tmp_path / "sentinel"
     out = run_example("train_sentinel.py", "--base", str(base_model_dir), "--out", str(out_dir),

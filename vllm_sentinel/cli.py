@@ -1,4 +1,4 @@
-"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch)."""
+"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch, bench, bench-serve, quality)."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,60 @@ def cmd_batch(args) -> None:
     print(f"{summary['rows']} rows written to {summary['output']} ({summary['failed']} failed)")
 
 
+def cmd_bench(args) -> None:
+    from pathlib import Path
+
+    from .bench import bench, realistic_dummy_model
+
+    models = args.model or []
+    if not models:  # the default pair: a realistic shape with dummy weights, and the trained tiny model
+        models = [("dummy", str(realistic_dummy_model(Path(args.out) / "model-dummy")))]
+        if Path("models/tiny/sentinel_config.json").is_file():
+            models.append(("tiny", "models/tiny"))
+        else:
+            print("models/tiny not found (build it with `vllm-sentinel make-tiny --out models/tiny`): "
+                  "benching the dummy-weight model only")
+    else:
+        models = [(Path(m).name, m) for m in models]
+    workloads = args.workloads.split(",")
+    for label, model in models:
+        dummy = label == "dummy"
+        report = bench(model, args.out, workloads, quick=args.quick, dtype="bfloat16" if dummy else args.dtype,
+                       load_format="dummy" if dummy else "auto", enforce_eager=not args.compile, label=label)
+        print(f"{label}: {report['seconds']:.0f} s; results in {args.out}/bench-{label}.json and .png")
+
+
+def cmd_bench_serve(args) -> None:
+    from pathlib import Path
+
+    from .bench import realistic_dummy_model
+    from .bench_serve import ServeWorkload, format_report, serve_bench
+
+    serve_args = ["--kv-cache-memory-bytes", "8G"] + ([] if args.compile else ["--enforce-eager"])
+    model = args.model
+    if model is None:
+        model = str(realistic_dummy_model(Path(args.out) / "model-dummy"))
+        serve_args += ["--load-format", "dummy", "--dtype", "bfloat16"]
+    workload = ServeWorkload(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                             request_rate=args.request_rate, kv_budget_requests=args.kv_budget_requests)
+    report = serve_bench(model, args.out, workload, serve_args)
+    print(format_report(report))
+    print(f"results in {args.out}/bench-serve.json and .png")
+
+
+def cmd_quality(args) -> None:
+    from .quality import QualityConfig, format_report, run_quality
+
+    cfg = QualityConfig(base=args.base, corpus=args.corpus, out=args.out, budget_s=args.budget,
+                        ratios=tuple(float(r) for r in args.ratios.split(",")), eval_tokens=args.eval_tokens,
+                        continuation_prompts=args.continuation_prompts,
+                        vllm_ratio=float(args.ratios.split(",")[-1]),
+                        recipe_overrides=json.loads(args.recipe))
+    report = run_quality(cfg)
+    print(format_report(report))
+    print(f"{report['seconds']:.0f} s; results in {args.out}/quality.json and quality.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .corpus import DEFAULT_CORPUS
 
@@ -148,6 +202,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     p.add_argument("--engine-args", default="{}", help="more vLLM engine arguments as JSON")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("bench", help="throughput and memory: stock vLLM vs the sentinel backend, one run",
+                       description="Runs stock vLLM and the sentinel backend on the same model, prompts and KV budget "
+                                   "and prints the ratios; writes bench-<model>.json and .png under --out.")
+    p.add_argument("--model", action="append", help="a sentinel model directory (repeatable); default: a realistic "
+                   "shape with dummy weights, and models/tiny when it exists")
+    p.add_argument("--workloads", default="kv-bound,overhead,prefill,span-sweep")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the engines (adds ~40 s per engine start on CPU; eager by default)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-serve", help="`vllm bench serve` against `vllm serve`, stock and sentinel",
+                       description="Starts `vllm serve` with and without --attention-backend sentinel on the same model "
+                                   "and KV pool, runs `vllm bench serve` against each and compares TTFT/TPOT.")
+    p.add_argument("--model", default=None, help="default: the bench's realistic-shape model with dummy weights")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--request-rate", default="inf")
+    p.add_argument("--kv-budget-requests", type=float, default=4.0, help="KV pool, in uncompressed requests")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--compile", action="store_true", help="torch.compile the servers (eager by default)")
+    p.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("quality", help="the paper's perplexity table in miniature: sentinel vs local vs scattered",
+                       description="Fine-tunes one base model per method and compression ratio with the same recipe "
+                                   "and budget, prints and plots held-out perplexity, checks vLLM against transformers "
+                                   "and compares zero-shot continuations. Models are cached under --out.")
+    p.add_argument("--base", default="models/tiny/base", help="the base model (make-tiny builds models/tiny/base)")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--budget", type=float, default=75.0, help="seconds of fine-tuning per model")
+    p.add_argument("--ratios", default="0.5,0.75,0.9", help="net compression ratios (of 0.5, 0.75, 0.9)")
+    p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--continuation-prompts", type=int, default=32)
+    p.add_argument("--recipe", default="{}", help="TrainConfig overrides as JSON (e.g. smaller seq_len for tests)")
+    p.set_defaults(func=cmd_quality)
     return parser
 
 

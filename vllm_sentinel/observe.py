@@ -98,11 +98,14 @@ def _read_metrics(llm, kind: str | None = None) -> dict:
     return values
 
 
-def run_workload(llm, prompts: list, params) -> RunRecord:
+def run_workload(llm, prompts: list, params, progress: str | None = None) -> RunRecord:
     """Submit all `prompts` at once (token-id lists or strings) and step to the end.
 
-    `params` is one SamplingParams for all, or one per prompt.
+    `params` is one SamplingParams for all, or one per prompt; `progress` labels a progress bar
+    of output tokens.
     """
+    from tqdm import tqdm
+
     engine = llm.llm_engine
     num_blocks = engine.vllm_config.cache_config.num_gpu_blocks
     params = params if isinstance(params, list) else [params] * len(prompts)
@@ -115,6 +118,8 @@ def run_workload(llm, prompts: list, params) -> RunRecord:
         index[str(i)] = i
     outputs = [None] * len(prompts)
     samples = []
+    bar = tqdm(total=sum(p.max_tokens or 0 for p in params), desc=progress, unit="tok", disable=progress is None,
+               leave=False)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         step_outputs = engine.step()
@@ -124,6 +129,7 @@ def run_workload(llm, prompts: list, params) -> RunRecord:
             produced = len(out.outputs[0].token_ids)
             if produced and timing.first_token_s is None:
                 timing.first_token_s = now
+            bar.update(produced - timing.num_output_tokens)
             timing.num_output_tokens = produced
             if out.finished:
                 timing.finished_s = now
@@ -131,8 +137,12 @@ def run_workload(llm, prompts: list, params) -> RunRecord:
                 outputs[index[out.request_id]] = out
         metrics = _read_metrics(llm, "gauge")
         samples.append({"t": now, "running": int(metrics.get(_GAUGES[0], 0)), "waiting": int(metrics.get(_GAUGES[1], 0)),
-                        "kv_blocks": round(metrics.get(_GAUGES[2], 0.0) * num_blocks)})
+                        "kv_blocks": round(metrics.get(_GAUGES[2], 0.0) * num_blocks),
+                        # KV slots held and real tokens they stand for, over running requests (sentinel only)
+                        "kv_slots": int(metrics.get("vllm:sentinel_kv_slots_held", 0)),
+                        "kv_tokens": int(metrics.get("vllm:sentinel_kv_tokens_represented", 0))})
     elapsed = time.perf_counter() - start
+    bar.close()
     after = _read_metrics(llm, "counter")
     counters = {name: value - before.get(name, 0) for name, value in after.items()}
     return RunRecord(elapsed, num_blocks, outputs, timings, samples, counters)

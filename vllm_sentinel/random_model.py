@@ -26,7 +26,8 @@ class LlamaShape:
     num_kv_heads: int = 1
     intermediate_size: int = 256
     head_dim: int = 64  # a head size vLLM's CPU attention supports
-    base_vocab: int = 4096
+    base_vocab: int = 4096         # tokens the corpus tokenizer is trained to (before the sentinels)
+    vocab_size: int | None = None  # the model's vocabulary, when larger (a realistic lm_head)
     max_position_embeddings: int = 4096
 
 
@@ -50,7 +51,8 @@ def write_random_sentinel_model(out_dir: str | Path, shape: LlamaShape = LlamaSh
     tokenizer.add_tokens(["<CL>", "<CR>"], special_tokens=True)
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     cl_id, cr_id = tokenizer.convert_tokens_to_ids(["<CL>", "<CR>"])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden_size, head_dim=shape.head_dim,
+    config = LlamaConfig(vocab_size=max(len(tokenizer), shape.vocab_size or 0), hidden_size=shape.hidden_size,
+                         head_dim=shape.head_dim,
                          intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
                          num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
                          max_position_embeddings=shape.max_position_embeddings, initializer_range=init_std,

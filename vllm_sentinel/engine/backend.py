@@ -5,10 +5,12 @@ Every request's chunk is either
   tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs unchanged,
   with physical sequence lengths and slots;
 - *masked* (a span closes): `<CL>`/`<CR>` are in the chunk and tokens after a `<CR>` must no
-  longer see its span. Its cached prefix is read out of the paged cache, concatenated with the
-  chunk's fresh K/V, and attended with the sentinel mask in torch (SDPA). Only then is the chunk's
-  KV written, because a `<CR>` goes into the slot its span began in, which the `<CR>` itself
-  (and the tokens before it) still read.
+  longer see its span. Its cached prefix is read out of the paged cache *before* this step writes
+  anything (a `<CR>` goes into the slot its span began in, which the `<CR>` itself and the tokens
+  before it still read). The chunk is cut after each `<CR>`; each piece gathers only the keys it
+  may see (the compacted prefix and its own span), and pieces are attended in padded groups with
+  the sentinel mask in torch (SDPA). The kernel still runs over these rows, cheaply (their
+  sequence length covers their own chunk only), and its output there is overwritten.
 
 The wrapped kernel's in-block KV layout is its own business (CPU_ATTN stores keys transposed, and
 differently per ISA), so `PagedKVReader` learns it once by writing a known pattern through the
@@ -16,7 +18,7 @@ kernel's own cache writer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
+from ..masks import CR
 from .kv_cache_manager import SentinelAttentionSpec
 
 logger = init_logger("vllm.sentinel")
@@ -56,21 +59,83 @@ class SentinelAttentionBackend(CPUAttentionBackend):
         return SentinelAttentionSpec(**{name: getattr(spec, name) for name in spec.__dataclass_fields__})
 
 
+# Masked work is attended in padded groups, one SDPA call per group: a group grows while its padded
+# cost stays within this factor of the work it holds, so that similar segments share a call but a
+# long one is never padded up to.
+PADDING_ALLOWANCE = 1.5
+
+
+def group_by_size(sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of (queries, keys) work items, grouped so that padding wastes little."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    groups, current, work, k_max = [], [], 0, 0
+    for i in order:
+        q, k = sizes[i]
+        if current and (len(current) + 1) * q * max(k, k_max) > PADDING_ALLOWANCE * (work + q * k):
+            groups.append(current)
+            current, work, k_max = [], 0, 0
+        current.append(i)
+        work += q * k
+        k_max = max(k_max, k)
+    return groups + [current] if current else groups
+
+
 @dataclass
-class MaskedChunk:
-    start: int                   # first token row of the request in the batch
-    end: int
-    cached_slots: torch.Tensor   # [p(c)] cache slots of the request's physical prefix, in order
-    visible: torch.Tensor        # [q, p(c) + q] bool, `ChunkPlan.visibility()`
+class Segment:
+    """Consecutive queries of a masked chunk and the keys any of them may see (a few, compacted)."""
+
+    query_rows: torch.Tensor  # [q] token rows in the batch
+    keys: torch.Tensor        # [k] indices into the step's key bank: cached prefixes, then this step's tokens
+    visible: torch.Tensor     # [q, k] bool
+
+
+def segments(chunk, start: int, cached_offset: int, fresh_offset: int) -> list[Segment]:
+    """A masked chunk cut after each `<CR>`. Every token of a piece sees the compacted prefix and its
+    own piece only, so gathering each piece's visible keys keeps the work near the true visible
+    set, instead of the chunk's full square."""
+    seen = chunk.visibility()
+    p = chunk.cached_len
+    ends = (torch.from_numpy(chunk.kinds) == CR).nonzero().squeeze(1) + 1
+    bounds = [0, *ends.tolist()] + ([chunk.num_tokens] if not ends.numel() or ends[-1] < chunk.num_tokens else [])
+    pieces = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        columns = seen[a:b].any(0).nonzero().squeeze(1)
+        keys = torch.where(columns < p, cached_offset + columns, fresh_offset + start + columns - p)
+        pieces.append(Segment(torch.arange(start + a, start + b), keys, seen[a:b][:, columns]))
+    return pieces
+
+
+@dataclass
+class MaskedGroup:
+    """Segments attended together in one padded SDPA call."""
+
+    query_rows: torch.Tensor  # [G, Q] token rows in the batch, -1 for padding
+    keys: torch.Tensor        # [G, K] indices into the key bank (padding: 0, never visible)
+    visible: torch.Tensor     # [G, Q, K] bool
+
+
+def pad_group(pieces: list[Segment]) -> MaskedGroup:
+    q_max = max(piece.query_rows.numel() for piece in pieces)
+    k_max = max(piece.keys.numel() for piece in pieces)
+    query_rows = torch.full((len(pieces), q_max), -1, dtype=torch.long)
+    keys = torch.zeros((len(pieces), k_max), dtype=torch.long)
+    visible = torch.zeros((len(pieces), q_max, k_max), dtype=torch.bool)
+    visible[:, :, 0] = True  # padding rows attend somewhere (their output is dropped), so no NaN
+    for i, piece in enumerate(pieces):
+        q, k = piece.query_rows.numel(), piece.keys.numel()
+        query_rows[i, :q], keys[i, :k] = piece.query_rows, piece.keys
+        visible[i, :q] = False
+        visible[i, :q, :k] = piece.visible
+    return MaskedGroup(query_rows, keys, visible)
 
 
 @dataclass
 class SentinelAttentionMetadata:
     num_actual_tokens: int
-    slot_mapping: torch.Tensor              # [N] cache slot of every token, -1 where nothing is stored
-    plain: CPUAttentionMetadata | None      # the wrapped kernel's metadata for the plain requests
-    plain_rows: torch.Tensor | None         # their token rows, None when every request is plain
-    masked: list[MaskedChunk]
+    slot_mapping: torch.Tensor       # [N] cache slot of every token, -1 where nothing is stored
+    kernel: CPUAttentionMetadata     # the wrapped kernel's metadata for the whole batch
+    cached_slots: torch.Tensor       # [C] cache slots of the masked requests' prefixes: the key bank's front
+    masked: list[MaskedGroup]        # requests whose chunk closes a span; their kernel rows are overwritten
 
 
 class SentinelStepState:
@@ -85,58 +150,28 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
+        kernel = super().build(common_prefix_len, cm, fast_build)
         plan = self.step.plan if self.step is not None else None
         masked_rows = plan.masked_rows if plan is not None else []
         if not masked_rows:  # dummy runs, and every step in which no span closes
-            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping,
-                                             super().build(common_prefix_len, cm, fast_build), None, [])
-        assert cm.num_reqs == len(plan.chunks), "the step plan and the batch disagree"
-
-        query_start = plan.query_start
-        block_table = cm.block_table_tensor
-        masked = []
+            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, cm.slot_mapping[:0], [])
+        assert cm.num_reqs == len(plan.layouts), "the step plan and the batch disagree"
+        table = cm.block_table_tensor.long().cpu()
+        cached_slots, pieces = [], []
+        num_cached = sum(int(plan.cached_len[row]) for row in masked_rows)
+        offset = 0
         for row in masked_rows:
-            chunk = plan.chunks[row]
-            physical = torch.arange(chunk.cached_len, dtype=torch.long, device=block_table.device)
-            blocks = block_table[row].long()[physical // self.block_size]
-            masked.append(MaskedChunk(int(query_start[row]), int(query_start[row + 1]),
-                                      blocks * self.block_size + physical % self.block_size,
-                                      chunk.visibility().to(block_table.device)))
-
-        plain_reqs = [row for row in range(cm.num_reqs) if plan.chunks[row].is_plain]
-        plain = plain_rows = None
-        if plain_reqs:
-            plain_rows = torch.cat([torch.arange(int(query_start[r]), int(query_start[r + 1])) for r in plain_reqs])
-            plain = super().build(common_prefix_len, _subset(cm, plain_reqs, plain_rows), fast_build)
-        return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, plain, plain_rows, masked)
-
-
-def _subset(cm, reqs: list[int], rows: torch.Tensor):
-    """The common metadata of some requests of the batch, as if they were the whole batch."""
-    index = torch.tensor(reqs, dtype=torch.long)
-    sizes = cm.query_start_loc_cpu[1:][index] - cm.query_start_loc_cpu[:-1][index]
-    query_start = torch.zeros(len(reqs) + 1, dtype=cm.query_start_loc.dtype)
-    torch.cumsum(sizes, 0, out=query_start[1:])
-    seq_lens = cm.seq_lens[index.to(cm.seq_lens.device)]
-    device_rows = rows.to(cm.slot_mapping.device)
-    return replace(
-        cm,
-        query_start_loc=query_start.to(cm.query_start_loc.device),
-        query_start_loc_cpu=query_start,
-        seq_lens=seq_lens,
-        seq_lens_cpu_upper_bound=None if cm.seq_lens_cpu_upper_bound is None else cm.seq_lens_cpu_upper_bound[index],
-        num_reqs=len(reqs),
-        num_actual_tokens=int(rows.numel()),
-        max_query_len=int(sizes.max()),
-        max_seq_len=int(seq_lens.max()),
-        block_table_tensor=cm.block_table_tensor[index.to(cm.block_table_tensor.device)],
-        slot_mapping=cm.slot_mapping[device_rows],
-        positions=None if cm.positions is None else cm.positions[device_rows],
-        is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[index],
-        req_idx=None,
-        _num_computed_tokens_cache=None,
-        _token_to_req_indices_cache=None,
-    )
+            chunk = plan.chunk(row)
+            physical = torch.arange(chunk.cached_len)
+            cached_slots.append(table[row, physical // self.block_size] * self.block_size + physical % self.block_size)
+            pieces += segments(chunk, int(plan.query_start[row]), offset, num_cached)
+            offset += chunk.cached_len
+        groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces])
+        device = cm.block_table_tensor.device
+        masked = [pad_group([pieces[i] for i in group]) for group in groups]
+        masked = [MaskedGroup(g.query_rows.to(device), g.keys.to(device), g.visible.to(device)) for g in masked]
+        return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel,
+                                         torch.cat(cached_slots).to(device), masked)
 
 
 class PagedKVReader:
@@ -228,26 +263,24 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         meta: SentinelAttentionMetadata = attn_metadata
         n = meta.num_actual_tokens
 
-        # Read masked requests' prefixes before this step overwrites any of their slots.
+        # Read masked requests' prefixes before this step's writes reach any of their slots.
         if meta.masked:
-            reader = self._reader(layer, kv_cache)
-            prefixes = [reader.read(kv_cache, chunk.cached_slots) for chunk in meta.masked]
+            cached_k, cached_v = self._reader(layer, kv_cache).read(kv_cache, meta.cached_slots)
         self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, meta.slot_mapping[:n])
+        # The kernel takes the whole batch; the rows of masked requests (given sequence lengths
+        # that only cover their own chunk) are recomputed below.
+        super().forward(layer, query, key, value, kv_cache, meta.kernel, output)
+        if not meta.masked:
+            return output
 
-        if meta.plain is not None:
-            if meta.plain_rows is None:
-                super().forward(layer, query, key, value, kv_cache, meta.plain, output)
-            else:
-                rows = meta.plain_rows
-                plain_out = torch.empty((rows.numel(), *output.shape[1:]), dtype=output.dtype, device=output.device)
-                super().forward(layer, query[rows], key[rows], value[rows], kv_cache, meta.plain, plain_out)
-                output[rows] = plain_out
-
-        for chunk, (cached_k, cached_v) in zip(meta.masked, prefixes if meta.masked else []):
-            q = query[chunk.start:chunk.end].transpose(0, 1)
-            k = torch.cat([cached_k, key[chunk.start:chunk.end]]).transpose(0, 1)
-            v = torch.cat([cached_v, value[chunk.start:chunk.end]]).transpose(0, 1)
-            attended = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.visible,
-                                                      scale=self.scale, enable_gqa=True)
-            output[chunk.start:chunk.end] = attended.transpose(0, 1).to(output.dtype)
+        bank_k = torch.cat([cached_k.to(key.dtype), key[:n]])
+        bank_v = torch.cat([cached_v.to(value.dtype), value[:n]])
+        for group in meta.masked:
+            q = query[group.query_rows.clamp(min=0)].transpose(1, 2)
+            k = bank_k[group.keys].transpose(1, 2)
+            v = bank_v[group.keys].transpose(1, 2)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=group.visible.unsqueeze(1), scale=self.scale,
+                                                      enable_gqa=True).transpose(1, 2)
+            real = group.query_rows >= 0
+            output[group.query_rows[real]] = attended[real].to(output.dtype)
         return output

@@ -49,14 +49,15 @@ class SentinelAttentionManager(FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks,
                                    total_computed_tokens: int, *args, **kwargs) -> int:
         layout = self._layout(request_id)
-        if self.req_to_blocks.get(request_id):
-            # Running: this step reads below p(c) and writes below p(c + k).
+        blocks = self.req_to_blocks.get(request_id)
+        if blocks:
+            # Running (no prefix hits without prefix caching): this step reads below p(c) and
+            # writes below p(c + k).
             slots = max(layout.physical_len(total_computed_tokens), layout.physical_len(num_tokens))
-        else:
-            # Admission (or the full-sequence check): chunks to come may stop at any n' <= n.
-            slots = layout.peak_physical_len(num_tokens)
-        return super().get_num_blocks_to_allocate(request_id, slots, new_computed_blocks,
-                                                  total_computed_tokens, *args, **kwargs)
+            return max(cdiv(slots, self.block_size) - len(blocks), 0)
+        # Admission (or the full-sequence check): chunks to come may stop at any n' <= n.
+        return super().get_num_blocks_to_allocate(request_id, layout.peak_physical_len(num_tokens),
+                                                  new_computed_blocks, total_computed_tokens, *args, **kwargs)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         slots = self._layout(request_id).physical_len(num_tokens)

@@ -44,11 +44,18 @@ class KVLayout:
     # -- spans --------------------------------------------------------------------------------
     def num_closed(self, n):
         """Spans closed once `n` real tokens are computed (scalar or array)."""
-        if not self.compresses:
-            return np.zeros_like(n) if isinstance(n, np.ndarray) else 0
-        done = np.asarray(n) - self.sink - self.span
-        closed = np.where(done >= 0, done // self.period + 1, 0)
-        return closed if isinstance(n, np.ndarray) else int(closed)
+        if isinstance(n, np.ndarray):
+            if not self.compresses:
+                return np.zeros_like(n)
+            done = n - self.sink - self.span
+            return np.where(done >= 0, done // self.period + 1, 0)
+        if not self.compresses or n < self.sink + self.span:
+            return 0
+        return (n - self.sink - self.span) // self.period + 1
+
+    def num_tokens_with_sentinels(self, computed: int, num_real: int) -> int:
+        """Tokens a chunk of `num_real` real tokens after `computed` becomes: two per closing span."""
+        return num_real + 2 * (self.num_closed(computed + num_real) - self.num_closed(computed))
 
     def span_start(self, m):
         return self.sink + m * self.period

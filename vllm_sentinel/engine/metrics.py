@@ -75,6 +75,14 @@ class _Prometheus:
         self.collectors = [self.spans_closed, self.sentinel_tokens, self.blocks_freed, self.compression_ratio,
                            self.physical_slots, self.logical_tokens]
 
+    def restart(self, labels: dict) -> None:
+        """Counters of a new engine start at zero, as vLLM's own do (it recreates its collectors)."""
+        for collector in self.collectors:
+            try:
+                collector.remove(*labels.values())
+            except KeyError:
+                pass
+
     @classmethod
     def get(cls) -> "_Prometheus":
         """The metrics, registered: vLLM's Prometheus logger unregisters every `vllm:` collector
@@ -108,6 +116,8 @@ class SentinelStatLogger(_stat_logger_base()):
         self.logged: SentinelStats | None = None
         self.exported = SentinelStats()
         self.prometheus: _Prometheus | None = None  # on first record: after vLLM's logger has unregistered
+        if self.active and _Prometheus._instance is not None:
+            _Prometheus._instance.restart(self.labels)
 
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):

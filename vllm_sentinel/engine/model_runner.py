@@ -22,7 +22,7 @@ from ..masks import CL, REAL
 from .backend import SentinelAttentionMetadataBuilder, SentinelStepState
 from .kv_cache_manager import kept_blocks
 from .layout import KVLayout
-from .plan import ChunkPlan, StepPlan, plan_chunk
+from .plan import StepPlan
 from .settings import EngineSettings
 
 
@@ -33,7 +33,7 @@ class SentinelModelRunnerMixin:
         self.sentinel = EngineSettings.of(self.vllm_config)
         self.sentinel_step = SentinelStepState()
         self.sentinel_layouts: dict[str, KVLayout] = {}
-        self._sentinel_chunks: dict[str, ChunkPlan] = {}
+        self._sentinel_real: dict[str, int] = {}
         self._sentinel_plan: StepPlan | None = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -75,10 +75,9 @@ class SentinelModelRunnerMixin:
         computed = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
         cached = scheduler_output.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-        self._sentinel_chunks = {
-            req_id: plan_chunk(self.sentinel_layouts[req_id], computed[req_id], num_real)
-            for req_id, num_real in scheduler_output.num_scheduled_tokens.items()}
-        expanded = {req_id: chunk.num_tokens for req_id, chunk in self._sentinel_chunks.items()}
+        self._sentinel_real = scheduler_output.num_scheduled_tokens
+        expanded = {req_id: self.sentinel_layouts[req_id].num_tokens_with_sentinels(computed[req_id], num_real)
+                    for req_id, num_real in self._sentinel_real.items()}
         total = sum(expanded.values())
         if total > self.max_num_tokens:
             raise RuntimeError(f"a step of {total} tokens with sentinels exceeds the worker's {self.max_num_tokens}; "
@@ -110,7 +109,9 @@ class SentinelModelRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         batch = self.input_batch
         num_reqs = batch.num_reqs
-        plan = StepPlan.build([self._sentinel_chunks[req_id] for req_id in batch.req_ids])
+        plan = StepPlan.build([self.sentinel_layouts[req_id] for req_id in batch.req_ids],
+                              batch.num_computed_tokens_cpu[:num_reqs],
+                              [self._sentinel_real[req_id] for req_id in batch.req_ids])
         assert np.array_equal(np.diff(plan.query_start), num_scheduled_tokens), "batch order changed under the plan"
         n = plan.num_tokens
         batch.block_table.commit_block_table(num_reqs)
@@ -128,8 +129,11 @@ class SentinelModelRunnerMixin:
         self.query_start_loc.np[num_reqs + 1:].fill(n)
         self.query_start_loc.copy_to_gpu()
 
-        # Physical lengths: exact for plain chunks (the kernel's seq_lens), an upper bound otherwise.
-        seq_lens = torch.tensor([ch.cached_len + ch.num_tokens for ch in plan.chunks], dtype=torch.int32)
+        # The kernel's sequence lengths: physical for plain chunks. A chunk that closes a span is
+        # attended by the masked path; the kernel only sees the chunk itself (the least work to discard).
+        chunk_len = np.diff(plan.query_start)
+        seq_lens = torch.from_numpy(np.where(plan.num_closings > 0, chunk_len,
+                                             plan.cached_len + chunk_len).astype(np.int32))
         self.optimistic_seq_lens_cpu[:num_reqs] = seq_lens
         self.optimistic_seq_lens_cpu[num_reqs:].fill_(0)
         self.seq_lens[:num_reqs].copy_(seq_lens, non_blocking=True)
@@ -137,9 +141,8 @@ class SentinelModelRunnerMixin:
         self.num_computed_tokens[:num_reqs].copy_(batch.num_computed_tokens_cpu_tensor[:num_reqs], non_blocking=True)
 
         # A partial prefill must not sample: decided on real tokens, not on the expanded count.
-        num_real = np.array([ch.num_real for ch in plan.chunks])
         num_tokens = np.array([self.requests[req_id].num_tokens for req_id in batch.req_ids])
-        self.discard_request_mask.np[:num_reqs] = batch.num_computed_tokens_cpu[:num_reqs] + num_real < num_tokens
+        self.discard_request_mask.np[:num_reqs] = plan.computed + plan.num_real < num_tokens
         self.discard_request_mask.copy_to_gpu(num_reqs)
         self.num_accepted_tokens.np.fill(1)
         self.num_accepted_tokens.gpu.fill_(1)
@@ -165,7 +168,7 @@ class SentinelModelRunnerMixin:
             return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
         # Prompt logprobs belong to real tokens: drop the sentinel rows and count real tokens only.
         num_reqs = self.input_batch.num_reqs
-        real_counts = {req_id: self._sentinel_chunks[req_id].num_real for req_id in num_scheduled_tokens}
+        real_counts = {req_id: self._sentinel_real[req_id] for req_id in num_scheduled_tokens}
         expanded_start = self.query_start_loc.np[: num_reqs + 1].copy()
         real_start = np.zeros(num_reqs + 1, dtype=expanded_start.dtype)
         np.cumsum([real_counts[req_id] for req_id in self.input_batch.req_ids], out=real_start[1:])

@@ -118,31 +118,73 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
 
 @dataclass
 class StepPlan:
-    """The whole batch of one step, requests in the worker's batch order."""
+    """The whole batch of one step, requests in the worker's batch order.
 
-    chunks: list[ChunkPlan]
+    Planned in one vectorised pass over every scheduled token (a decode step of 64 requests must
+    not cost 64 Python-level plans); it equals concatenating `plan_chunk` over the requests, which
+    the tests check. Requests whose chunk closes a span get their `ChunkPlan` on demand (`chunk`),
+    for the masked attention path.
+    """
+
+    layouts: list[KVLayout]
+    computed: np.ndarray        # [R] c: real tokens already cached
+    num_real: np.ndarray        # [R] k: real tokens scheduled
+    num_closings: np.ndarray    # [R] spans closing in the chunk
+    cached_len: np.ndarray      # [R] p(c)
     query_start: np.ndarray     # [R + 1] expanded offsets (query_start_loc)
-    positions: np.ndarray       # [N]
+    positions: np.ndarray       # [N] logical positions
     physical_slots: np.ndarray  # [N] physical slot per token (-1: not stored)
-    kinds: np.ndarray           # [N]
+    kinds: np.ndarray           # [N] REAL / CL / CR
     logits_rows: np.ndarray     # [R] expanded index of each request's last real token
     real_rows: np.ndarray       # [sum k] expanded indices of all real tokens, in order
 
     @classmethod
-    def build(cls, chunks: list[ChunkPlan]) -> "StepPlan":
-        sizes = np.array([ch.num_tokens for ch in chunks], dtype=np.int64)
-        query_start = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=query_start[1:])
-        kinds = np.concatenate([ch.kinds for ch in chunks])
-        return cls(
-            chunks=chunks,
-            query_start=query_start,
-            positions=np.concatenate([ch.positions for ch in chunks]),
-            physical_slots=np.concatenate([ch.slots for ch in chunks]),
-            kinds=kinds,
-            logits_rows=np.array([start + ch.last_real for start, ch in zip(query_start, chunks)], dtype=np.int64),
-            real_rows=np.flatnonzero(kinds == REAL),
-        )
+    def build(cls, layouts: list[KVLayout], computed, num_real) -> "StepPlan":
+        c = np.asarray(computed, dtype=np.int64)
+        k = np.asarray(num_real, dtype=np.int64)
+        if (k < 1).any():
+            raise ValueError("every planned request needs at least one scheduled token")
+        on = np.array([layout.compresses for layout in layouts], dtype=bool)
+        sink, span, gap = (np.array([getattr(layout, name) for layout in layouts], dtype=np.int64)
+                           for name in ("sink", "span", "gap"))
+        period = np.where(on, span + gap, 1)
+
+        # One entry per scheduled real token, with its request's schedule alongside.
+        num_total = int(k.sum())
+        req = np.repeat(np.arange(len(layouts)), k)
+        first = np.cumsum(k) - k
+        t = np.arange(num_total) - first[req] + c[req]
+        S, L, G, P = sink[req], span[req], gap[req], period[req]
+        offset = t - S
+        m, r = offset // P, offset % P
+        in_span = on[req] & (offset >= 0) & (r < L)
+        last = S + m * P + L - 1
+        closes_here = in_span & (last < (c + k)[req])
+        closing = in_span & (t == last)
+
+        real_at = np.arange(num_total) + 2 * (np.cumsum(closing) - closing)
+        n = num_total + 2 * int(closing.sum())
+        kinds = np.full(n, REAL, dtype=np.int64)
+        positions = np.empty(n, dtype=np.int64)
+        slots = np.full(n, -1, dtype=np.int64)
+        base = S + m * (G + 1)
+        live_slot = np.where(~on[req] | (offset < 0), t, np.where(r < L, base + r, base + 1 + (r - L)))
+        positions[real_at] = t
+        slots[real_at] = np.where(closes_here, -1, live_slot)
+        cl_at = real_at[closing] + 1
+        cr_at = cl_at + 1
+        kinds[cl_at], kinds[cr_at] = CL, CR
+        positions[cl_at] = np.maximum(S[closing] + m[closing] * P[closing] - 1, 0)
+        positions[cr_at] = t[closing]
+        slots[cr_at] = base[closing]
+
+        query_start = np.append(real_at[first], n)
+        return cls(layouts, c, k, np.bincount(req[closing], minlength=len(layouts)),
+                   np.array([layout.physical_len(int(x)) for layout, x in zip(layouts, c)], dtype=np.int64),
+                   query_start, positions, slots, kinds, real_at[first + k - 1], real_at)
+
+    def chunk(self, row: int) -> ChunkPlan:
+        return plan_chunk(self.layouts[row], int(self.computed[row]), int(self.num_real[row]))
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +192,7 @@ class StepPlan:
 
     @property
     def masked_rows(self) -> list[int]:
-        return [i for i, ch in enumerate(self.chunks) if not ch.is_plain]
+        return np.flatnonzero(self.num_closings).tolist()
 
     @property
     def num_sentinel_tokens(self) -> int:

@@ -1,0 +1,31 @@
+"""`vllm-sentinel bench --quick`: every code path of the bench in a small configuration.
+
+Speed is what the bench reports, not what a test asserts; the memory facts below hold on any machine.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = str(Path(sys.executable).parent / "vllm-sentinel")
+
+
+def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_model_dir, tmp_path):
+    result = subprocess.run([CLI, "bench", "--model", str(sentinel_model_dir), "--quick", "--workloads",
+                             "kv-bound,span-sweep", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "sentinel / stock:" in result.stdout
+    label = sentinel_model_dir.name
+    report = json.loads((tmp_path / f"bench-{label}.json").read_text())
+    [kv_bound] = report["results"]
+    stock, sentinel = kv_bound["runs"]["stock"], kv_bound["runs"]["sentinel"]
+    assert stock["output_tokens_per_s"] > 0 and kv_bound["ratios"]["output_tokens_per_s"] > 0
+    # The KV budget holds four uncompressed requests: stock preempts, the sentinel engine fits them
+    # all at once, each in about the KV the semantics page says it needs.
+    assert stock["preemptions"] > sentinel["preemptions"] == 0
+    assert sentinel["peak_running"] == kv_bound["workload"]["num_prompts"]
+    assert kv_bound["kv_slots_vs_ideal"]["ratio"] <= 1.25
+    assert sentinel["sentinel_tokens"] == 2 * sentinel["spans_closed"] > 0 and stock["sentinel_tokens"] == 0
+    assert [r["workload"]["span"] for r in report["span_sweep"]] == [4, 16]
+    assert "stock" in report["span_sweep"][0]["runs"]
+    assert (tmp_path / f"bench-{label}.png").stat().st_size > 10_000

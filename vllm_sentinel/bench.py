@@ -1,0 +1,268 @@
+"""`vllm-sentinel bench`: stock vLLM against the sentinel backend on the same model, prompts and KV budget.
+
+The conventions of `vllm bench throughput`: random-token prompts of a fixed input length, a fixed
+output length with `ignore_eos`, every request submitted at once; requests/s, output tokens/s and
+total tokens/s. Both engines run in this one process, one after the other, and the ratios are
+printed. Per engine also: peak running requests, preemptions, KV blocks in use over time, time to
+first token and per output token (p50/p99), and the sentinel tokens the backend added.
+
+Workloads:
+- kv-bound: a KV budget that holds only a few uncompressed requests, long generations;
+- overhead: ample memory, short outputs (what compression costs when memory is not the limit);
+- prefill: long prompts, short outputs;
+- span-sweep: the kv-bound workload, smaller, at several span lengths L.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import ScheduleConfig, SentinelConfig
+from .engine.layout import cdiv
+
+BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    kv_budget_requests: float | None = None  # KV pool = this many uncompressed requests; None: ample
+    span: int | None = None                  # per-request span override (the sweep); None: the model's
+
+    @property
+    def kv_budget_tokens(self) -> int | None:
+        if self.kv_budget_requests is None:
+            return None
+        return int(self.kv_budget_requests * (self.input_len + self.output_len))
+
+
+# Sized for two CPU cores: the whole bench (both models) in under 20 minutes. The kv-bound budget
+# holds under three uncompressed requests; the sentinel backend fits all 32 in it.
+WORKLOADS = {
+    "kv-bound": Workload("kv-bound", 32, 64, 1536, kv_budget_requests=2.75),
+    "overhead": Workload("overhead", 64, 128, 128),
+    "prefill": Workload("prefill", 16, 1536, 16),
+}
+SWEEP = Workload("span-sweep", 16, 64, 512, kv_budget_requests=4)
+SWEEP_SPANS = (4, 8, 16, 32)
+QUICK = {  # a configuration small enough for a CI test: same code paths, minutes become seconds
+    "kv-bound": Workload("kv-bound", 16, 64, 192, kv_budget_requests=4),
+    "overhead": Workload("overhead", 16, 32, 32),
+    "prefill": Workload("prefill", 8, 384, 8),
+}
+QUICK_SWEEP = Workload("span-sweep", 8, 64, 96, kv_budget_requests=3)
+QUICK_SPANS = (4, 16)
+
+
+def random_prompts(count: int, length: int, vocab: int, avoid: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    """Random token ids, as `vllm bench`'s random dataset draws them, never a sentinel."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, vocab, size=(count, length))
+    for token in avoid:
+        prompts[prompts == token] = 3
+    return prompts.tolist()
+
+
+def engine_kwargs(workload: Workload, model_config: dict, dtype: str, load_format: str, enforce_eager: bool) -> dict:
+    length = workload.input_len + workload.output_len
+    # "Ample" is every request fully uncompressed, with room to spare; a budget is a KV pool of
+    # the given size. Either way the pool is allocated to that size, not to all of memory.
+    tokens = workload.kv_budget_tokens or int(1.25 * workload.num_prompts * length)
+    return {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager, "block_size": BLOCK_SIZE,
+            "max_model_len": length, "disable_log_stats": False, "seed": 0, "kv_cache_memory_bytes": 8 << 30,
+            "num_gpu_blocks_override": cdiv(tokens, BLOCK_SIZE) + 1}  # + vLLM's null block
+
+
+def kv_slots_per_request(record) -> dict | None:
+    """Physical KV slots per request against the semantics page's ideal, when every request ran at once."""
+    full = [s for s in record.samples if s["kv_tokens"] and s["running"] == len(record.timings)]
+    if not full:
+        return None
+    last = full[-1]
+    return {"tokens": last["kv_tokens"] / last["running"], "slots": last["kv_slots"] / last["running"]}
+
+
+def run_engine(model_dir: str, backend: str, workloads: list[Workload], prompts, settings: dict) -> list[dict]:
+    """One engine, the given workloads one after another (they differ only in per-request options)."""
+    from vllm import LLM, SamplingParams
+
+    from .observe import run_workload
+
+    kwargs = dict(settings)
+    if backend == "sentinel":
+        kwargs["attention_backend"] = "sentinel"
+    started = time.perf_counter()
+    llm = LLM(model=model_dir, **kwargs)
+    startup = time.perf_counter() - started
+    runs = []
+    try:
+        for workload in workloads:
+            extra = {"sentinel": {"span": workload.span}} if backend == "sentinel" and workload.span else None
+            params = SamplingParams(max_tokens=workload.output_len, temperature=0, ignore_eos=True, extra_args=extra)
+            record = run_workload(llm, prompts, params, progress=f"{workload.name} {backend}")
+            runs.append({"backend": backend, "startup_s": startup, **record.summary(),
+                         "kv_per_request": kv_slots_per_request(record),
+                         "kv_blocks_over_time": [(round(s["t"], 3), s["kv_blocks"], s["running"])
+                                                 for s in record.samples]})
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return runs
+
+
+def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=("stock", "sentinel")) -> list[dict]:
+    """Each backend runs every workload (same prompts, same engine settings); one result per workload.
+
+    Stock vLLM ignores the per-request span, so it runs the first workload only.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    sentinel = SentinelConfig.load(model_dir)
+    first = workloads[0]
+    prompts = random_prompts(first.num_prompts, first.input_len, config["vocab_size"], sentinel.sentinel_ids)
+    engine_settings = engine_kwargs(first, config, **settings)
+    runs = {backend: run_engine(model_dir, backend, workloads if backend == "sentinel" else workloads[:1], prompts,
+                                engine_settings)
+            for backend in backends}
+    results = []
+    for i, workload in enumerate(workloads):
+        by_backend = {backend: runs[backend][i] for backend in backends if i < len(runs[backend])}
+        result = {"workload": asdict(workload), "kv_budget_tokens": workload.kv_budget_tokens, "runs": by_backend}
+        if set(by_backend) == {"stock", "sentinel"}:
+            result["ratios"] = {key: by_backend["sentinel"][key] / by_backend["stock"][key]
+                                for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")}
+        schedule = sentinel.schedule if not workload.span else replace(sentinel.schedule, span=workload.span)
+        per_request = by_backend.get("sentinel", {}).get("kv_per_request")
+        if per_request:
+            ideal = schedule.ideal_kv_slots(round(per_request["tokens"]))
+            result["kv_slots_vs_ideal"] = {**per_request, "ideal": ideal, "ratio": per_request["slots"] / ideal,
+                                           "schedule": asdict(schedule)}
+        results.append(result)
+    return results
+
+
+def format_result(result: dict) -> str:
+    w = result["workload"]
+    budget = f"KV budget {result['kv_budget_tokens']} tokens" if result["kv_budget_tokens"] else "ample KV"
+    lines = [f"[{w['name']}] {w['num_prompts']} requests x {w['input_len']} in x {w['output_len']} out, {budget}"
+             + (f", span {w['span']}" if w.get("span") else "")]
+    for backend, run in result["runs"].items():
+        lines.append(f"  {backend:>8}: {run['requests_per_s']:6.2f} req/s {run['output_tokens_per_s']:8.1f} out tok/s "
+                     f"{run['total_tokens_per_s']:8.1f} total tok/s | peak running {run['peak_running']:3d} "
+                     f"preemptions {run['preemptions']:4d} peak KV blocks {run['peak_kv_blocks']:5d} | "
+                     f"TTFT p50/p99 {run['ttft_ms_p50']:.0f}/{run['ttft_ms_p99']:.0f} ms "
+                     f"TPOT p50/p99 {run['tpot_ms_p50']:.1f}/{run['tpot_ms_p99']:.1f} ms | "
+                     f"sentinel tokens {run['sentinel_tokens']}")
+    if "ratios" in result:
+        r = result["ratios"]
+        lines.append(f"  sentinel / stock: {r['requests_per_s']:.2f}x req/s, {r['output_tokens_per_s']:.2f}x output "
+                     f"tok/s, {r['total_tokens_per_s']:.2f}x total tok/s")
+    if "kv_slots_vs_ideal" in result:
+        k = result["kv_slots_vs_ideal"]
+        lines.append(f"  KV slots per request at {k['tokens']:.0f} tokens: {k['slots']:.1f} "
+                     f"(ideal S + (n - S)(G + 1)/(L + G) + L = {k['ideal']:.1f}; {k['ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], sweep: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    ax = axes[0]
+    compared = [r for r in results if "ratios" in r]
+    names = [r["workload"]["name"] for r in compared]
+    ratios = [r["ratios"]["requests_per_s"] for r in compared]  # = every token rate: lengths are fixed
+    bars = ax.bar(names, ratios, color=["C1" if x >= 1 else "C3" for x in ratios])
+    for bar, r in zip(bars, compared):
+        stock, ours = r["runs"]["stock"]["total_tokens_per_s"], r["runs"]["sentinel"]["total_tokens_per_s"]
+        ax.annotate(f"{bar.get_height():.2f}x\n{ours:.0f} vs {stock:.0f} tok/s", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="grey", linestyle="--")
+    ax.set_ylim(0, max(ratios + [1.0]) * 1.3)
+    ax.set_ylabel("sentinel / stock throughput")
+    ax.set_title("throughput ratio, same model, prompts and KV pool")
+
+    ax = axes[1]
+    kv_bound = next((r for r in results if r["workload"]["name"] == "kv-bound"), None)
+    if kv_bound:
+        for backend, run in kv_bound["runs"].items():
+            t, blocks, _ = zip(*run["kv_blocks_over_time"])
+            ax.plot(t, blocks, label=f"{backend} (preemptions {run['preemptions']})")
+        ax.axhline(cdiv(kv_bound["kv_budget_tokens"], BLOCK_SIZE), color="grey", linestyle=":", label="KV pool")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("KV blocks in use")
+        ax.set_title("kv-bound: KV blocks over time")
+        ax.legend()
+
+    ax = axes[2]
+    if sweep:
+        spans = [r["workload"]["span"] for r in sweep]
+        ax.plot(spans, [r["runs"]["sentinel"]["output_tokens_per_s"] for r in sweep], "o-", label="sentinel")
+        stock = next((r["runs"]["stock"]["output_tokens_per_s"] for r in sweep if "stock" in r["runs"]), None)
+        if stock:
+            ax.axhline(stock, color="C0", linestyle="--", label="stock")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("span length L")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title("span-sweep")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench(model_dir: str, out_dir: str | Path, workloads: list[str], quick: bool = False, dtype: str = "auto",
+          load_format: str = "auto", enforce_eager: bool = True, label: str | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager}
+    table = QUICK if quick else WORKLOADS
+    started = time.time()
+    results, sweep = [], []
+    for name in workloads:
+        if name == "span-sweep":
+            base, spans = (QUICK_SWEEP, QUICK_SPANS) if quick else (SWEEP, SWEEP_SPANS)
+            sweep = compare(model_dir, [replace(base, span=span) for span in spans], settings)
+            for result in sweep:
+                print(format_result(result), flush=True)
+            continue
+        if name not in table:
+            raise ValueError(f"unknown workload {name!r}; choose from {sorted(table) + ['span-sweep']}")
+        results += compare(model_dir, [table[name]], settings)
+        print(format_result(results[-1]), flush=True)
+    label = label or Path(model_dir).name
+    report = {"model": str(model_dir), "label": label, "settings": settings, "quick": quick,
+              "seconds": time.time() - started, "results": results, "span_sweep": sweep}
+    (out_dir / f"bench-{label}.json").write_text(json.dumps(report, indent=2))
+    plot(results, sweep, out_dir / f"bench-{label}.png", f"stock vLLM vs sentinel backend: {label}")
+    return report
+
+
+# A Llama of realistic proportions (grouped-query attention 3:1, head size 64, SwiGLU 2.67x, 32k
+# vocabulary), 75M multiply-adds per token: small enough to bench on two cores.
+REALISTIC_SHAPE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=2048,
+                       vocab_size=32000, max_position_embeddings=8192)
+
+
+def realistic_dummy_model(out_dir: str | Path, schedule: ScheduleConfig = ScheduleConfig(4, 16, 0)) -> Path:
+    """A weightless model directory: vLLM runs it with load_format="dummy" (random weights)."""
+    from .random_model import LlamaShape, write_random_sentinel_model
+
+    out_dir = Path(out_dir)
+    shape = LlamaShape(**REALISTIC_SHAPE)
+    config_file = out_dir / "config.json"
+    current = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if (current.get("hidden_size"), current.get("num_hidden_layers")) != (shape.hidden_size, shape.num_layers) \
+            or not (out_dir / "sentinel_config.json").is_file():
+        write_random_sentinel_model(out_dir, shape, schedule, weights=False)
+    return out_dir
