@@ -29,3 +29,19 @@ def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_mo
     assert [r["workload"]["span"] for r in report["span_sweep"]] == [4, 16]
     assert "stock" in report["span_sweep"][0]["runs"]
     assert (tmp_path / f"bench-{label}.png").stat().st_size > 10_000
+
+
+def test_bench_serve_drives_vllm_bench_serve_against_both_servers(sentinel_model_dir, tmp_path):
+    result = subprocess.run([CLI, "bench-serve", "--model", str(sentinel_model_dir), "--num-prompts", "6",
+                             "--input-len", "32", "--output-len", "24", "--kv-budget-requests", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "bench-serve.json").read_text())
+    for backend in ("stock", "sentinel"):
+        run = report["runs"][backend]
+        assert run["completed"] == 6 and run["output_throughput"] > 0
+        assert run["ttft_ms_p50"] > 0 and run["tpot_ms_p99"] >= run["tpot_ms_p50"] > 0
+    assert "sentinel / stock:" in result.stdout and (tmp_path / "bench-serve.png").is_file()
+    # the sentinel server compressed (its scheduler says so at start-up); the stock one did not
+    assert "sentinel compression on" in (tmp_path / "serve-sentinel.log").read_text()
+    assert "sentinel compression on" not in (tmp_path / "serve-stock.log").read_text()

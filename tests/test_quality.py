@@ -11,7 +11,7 @@ from vllm_sentinel.quality import METHODS, QualityConfig, format_report, run_qua
 
 def test_a_small_quality_run(base_model_dir, tmp_path):
     cfg = QualityConfig(base=str(base_model_dir), corpus=str(DEFAULT_CORPUS / "tutorial"), out=str(tmp_path),
-                        budget_s=1.5, ratios=(0.9,), window=64, eval_tokens=512, vllm_ratio=0.9,
+                        steps=3, ratios=(0.9,), window=64, eval_tokens=512, vllm_ratio=0.9,
                         continuation_prompts=4, prefix_len=32, continuation_len=16,
                         recipe_overrides={"batch_size": 2})
     report = run_quality(cfg)

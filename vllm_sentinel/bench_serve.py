@@ -24,11 +24,11 @@ PERCENTILES = (50, 99)
 
 @dataclass(frozen=True)
 class ServeWorkload:
-    num_prompts: int = 64
-    input_len: int = 128
-    output_len: int = 512
+    num_prompts: int = 32
+    input_len: int = 64
+    output_len: int = 768
     request_rate: str = "inf"          # requests per second, "inf": all at once
-    kv_budget_requests: float = 4.0    # the KV pool: this many uncompressed requests
+    kv_budget_requests: float = 4.0    # the KV pool: this many uncompressed requests (all 32 compressed fit)
     block_size: int = 32
 
     @property

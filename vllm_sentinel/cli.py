@@ -129,7 +129,7 @@ def cmd_bench_serve(args) -> None:
 def cmd_quality(args) -> None:
     from .quality import QualityConfig, format_report, run_quality
 
-    cfg = QualityConfig(base=args.base, corpus=args.corpus, out=args.out, budget_s=args.budget,
+    cfg = QualityConfig(base=args.base, corpus=args.corpus, out=args.out, steps=args.steps, budget_s=args.budget,
                         ratios=tuple(float(r) for r in args.ratios.split(",")), eval_tokens=args.eval_tokens,
                         continuation_prompts=args.continuation_prompts,
                         vllm_ratio=float(args.ratios.split(",")[-1]),
@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Starts `vllm serve` with and without --attention-backend sentinel on the same model "
                                    "and KV pool, runs `vllm bench serve` against each and compares TTFT/TPOT.")
     p.add_argument("--model", default=None, help="default: the bench's realistic-shape model with dummy weights")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=768)
     p.add_argument("--request-rate", default="inf")
     p.add_argument("--kv-budget-requests", type=float, default=4.0, help="KV pool, in uncompressed requests")
     p.add_argument("--out", default="runs/bench")
@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="models/tiny/base", help="the base model (make-tiny builds models/tiny/base)")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--out", default="runs/quality")
-    p.add_argument("--budget", type=float, default=75.0, help="seconds of fine-tuning per model")
+    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per model (the same for every method)")
+    p.add_argument("--budget", type=float, default=None, help="seconds per model instead of a step count")
     p.add_argument("--ratios", default="0.5,0.75,0.9", help="net compression ratios (of 0.5, 0.75, 0.9)")
     p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument("--continuation-prompts", type=int, default=32)

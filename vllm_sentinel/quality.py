@@ -1,9 +1,10 @@
 """`vllm-sentinel quality`: the paper's language-modelling comparison, in miniature.
 
 From one base model (by default the tiny default's base), fine-tune with the same recipe and the
-same time budget: the sentinel method and the paper's two baselines, local attention and scattered
-attention, each at the KV budgets of net compression ratios 0.5, 0.75 and 0.9 (schedules with
-spans of 2, 4 and 10 tokens back to back), plus full attention. Then:
+same budget (the same number of steps on the same data): the sentinel method and the paper's two
+baselines, local attention and scattered attention, each at the KV budgets of net compression
+ratios 0.5, 0.75 and 0.9 (schedules with spans of 2, 4 and 10 tokens back to back), plus full
+attention. Then:
 
 1. held-out perplexity of each model under its own regime: the table, printed and plotted;
 2. the sentinel perplexity measured through vLLM (`prompt_logprobs`, sentinel backend) against the
@@ -36,8 +37,8 @@ class QualityConfig:
     base: str = "models/tiny/base"
     corpus: str = str(DEFAULT_CORPUS)
     out: str = "runs/quality"
-    budget_s: float = 75.0         # seconds of fine-tuning per model: the same for every method
-    steps: int = 100_000           # a cap; the budget decides
+    steps: int = 150               # fine-tuning steps per model: the same for every method
+    budget_s: float | None = None  # or the same seconds each (sentinel steps cost more: longer streams)
     ratios: tuple[float, ...] = (0.5, 0.75, 0.9)
     window: int = 256
     eval_tokens: int = 16_384
@@ -51,14 +52,15 @@ class QualityConfig:
 
 
 def fine_tune(cfg: QualityConfig, method: str, schedule: ScheduleConfig, streams, out_dir: Path) -> Path:
-    """One model of the table, cached by its directory."""
-    if (out_dir / "train_log.json").is_file():
+    """One model of the table, cached by its directory while its recipe stays the same."""
+    recipe = TrainConfig(schedule=schedule, regime=method, steps=cfg.steps, time_budget_s=cfg.budget_s,
+                         lora_rank=cfg.lora_rank, eval_every=10**9, checkpoint_every=10**9, seed=cfg.seed,
+                         eval_tokens=min(cfg.eval_tokens, 4096), seq_len=cfg.window, **cfg.recipe_overrides)
+    log = out_dir / "train_log.json"
+    if log.is_file() and json.loads(log.read_text())["config"] == {**asdict(recipe), "schedule": asdict(schedule)}:
         return out_dir
     model, tokenizer = load_base(cfg.base)
-    recipe = {"schedule": schedule, "regime": method, "steps": cfg.steps, "time_budget_s": cfg.budget_s,
-              "lora_rank": cfg.lora_rank, "eval_every": 10**9, "checkpoint_every": 10**9, "seed": cfg.seed,
-              "eval_tokens": min(cfg.eval_tokens, 4096), "seq_len": cfg.window, **cfg.recipe_overrides}
-    train(model, tokenizer, *streams, TrainConfig(**recipe), out_dir)
+    train(model, tokenizer, *streams, recipe, out_dir)
     return out_dir
 
 
@@ -182,8 +184,9 @@ def plot(table: dict, cfg: QualityConfig, path: Path) -> None:
 
 def format_report(report: dict) -> str:
     cfg, table = report["config"], report["perplexity"]
+    budget = f"{cfg['budget_s']:.0f} s" if cfg["budget_s"] else f"{cfg['steps']} steps"
     lines = [f"held-out perplexity ({cfg['eval_tokens']} tokens in windows of {cfg['window']}; "
-             f"{cfg['budget_s']:.0f} s of fine-tuning per model):",
+             f"{budget} of fine-tuning per model):",
              "  ratio   " + "".join(f"{m:>12}" for m in METHODS)]
     for ratio in cfg["ratios"]:
         row = "".join(f"{table.get(f'{m}@{ratio}', float('nan')):12.2f}" for m in METHODS)

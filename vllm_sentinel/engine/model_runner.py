@@ -1,7 +1,7 @@
 """The model runner: expands each step's real tokens into the sentinel stream, and masks sentinels.
 
 The scheduler's `SchedulerOutput` speaks of real tokens only. The runner
-- plans each request's chunk (`plan_chunk`): `<CL>`/`<CR>` after every closing token, logical
+- plans the step (`StepPlan`): `<CL>`/`<CR>` after every token that closes a span, logical
   positions, physical slots;
 - runs vLLM's `execute_model` on a copy of the output whose token counts include the sentinels,
   with its own `_prepare_inputs` filling ids, positions, physical sequence lengths and slots;
@@ -54,8 +54,8 @@ class SentinelModelRunnerMixin:
 
     def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes) -> None:
         super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
-        for group, spec in zip(self.attn_groups, kv_cache_config.kv_cache_groups):
-            for attn_group in group:
+        for groups in self.attn_groups:
+            for attn_group in groups:
                 for builder in attn_group.metadata_builders:
                     if isinstance(builder, SentinelAttentionMetadataBuilder):
                         builder.step = self.sentinel_step
@@ -99,7 +99,7 @@ class SentinelModelRunnerMixin:
                 continue  # a resumed request gets its whole block list anew
             state = self.requests[req_id]
             row = self.input_batch.req_id_to_index.get(req_id)
-            for group, (block_ids, table) in enumerate(zip(state.block_ids, self.input_batch.block_table.block_tables)):
+            for block_ids, table in zip(state.block_ids, self.input_batch.block_table.block_tables):
                 keep = kept_blocks(self.sentinel_layouts[req_id], num_computed, table.block_size)
                 del block_ids[keep:]
                 if row is not None:
@@ -168,14 +168,13 @@ class SentinelModelRunnerMixin:
             return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
         # Prompt logprobs belong to real tokens: drop the sentinel rows and count real tokens only.
         num_reqs = self.input_batch.num_reqs
-        real_counts = {req_id: self._sentinel_real[req_id] for req_id in num_scheduled_tokens}
         expanded_start = self.query_start_loc.np[: num_reqs + 1].copy()
         real_start = np.zeros(num_reqs + 1, dtype=expanded_start.dtype)
-        np.cumsum([real_counts[req_id] for req_id in self.input_batch.req_ids], out=real_start[1:])
+        np.cumsum(plan.num_real, out=real_start[1:])
         self.query_start_loc.np[: num_reqs + 1] = real_start
         try:
             rows = torch.from_numpy(plan.real_rows).to(hidden_states.device)
-            return super()._get_prompt_logprobs_dict(hidden_states[rows], real_counts)
+            return super()._get_prompt_logprobs_dict(hidden_states[rows], self._sentinel_real)
         finally:
             self.query_start_loc.np[: num_reqs + 1] = expanded_start
 
