@@ -45,3 +45,21 @@ def test_bench_serve_drives_vllm_bench_serve_against_both_servers(sentinel_model
     # the sentinel server compressed (its scheduler says so at start-up); the stock one did not
     assert "sentinel compression on" in (tmp_path / "serve-sentinel.log").read_text()
     assert "sentinel compression on" not in (tmp_path / "serve-stock.log").read_text()
+
+
+def test_engine_counters_ignore_label_sets_left_by_an_earlier_model_in_the_process():
+    # A bench runs several models in one process; Prometheus keeps the first model's label sets.
+    from types import SimpleNamespace
+
+    from vllm.v1.metrics.reader import Counter, Gauge
+
+    from vllm_sentinel.observe import _read_metrics
+
+    metrics = [Counter("vllm:sentinel_tokens", {"model_name": "dummy", "engine": "0"}, 9456),
+               Counter("vllm:sentinel_tokens", {"model_name": "tiny", "engine": "0"}, 480),
+               Counter("vllm:sentinel_tokens", {"model_name": "tiny", "engine": "1"}, 20),
+               Gauge("vllm:num_requests_running", {"model_name": "tiny", "engine": "0"}, 3)]
+    llm = SimpleNamespace(get_metrics=lambda: metrics, llm_engine=SimpleNamespace(
+        vllm_config=SimpleNamespace(model_config=SimpleNamespace(served_model_name="tiny"))))
+    assert _read_metrics(llm, "counter") == {"vllm:sentinel_tokens": 500}
+    assert _read_metrics(llm, "gauge") == {"vllm:num_requests_running": 3}

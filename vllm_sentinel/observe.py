@@ -87,13 +87,17 @@ _GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_ca
 
 
 def _read_metrics(llm, kind: str | None = None) -> dict:
-    """name -> value of vLLM's gauges and counters (summed over label sets); `kind` filters."""
+    """name -> value of this engine's gauges and counters (summed over its engine indices).
+
+    Prometheus is process-wide: an engine started earlier in the process (another model in a
+    bench) leaves its label set behind, so only this model's samples count."""
     from vllm.v1.metrics.reader import Counter, Gauge
 
     wanted = {"counter": (Counter,), "gauge": (Gauge,), None: (Counter, Gauge)}[kind]
+    model_name = llm.llm_engine.vllm_config.model_config.served_model_name
     values = {}
     for metric in llm.get_metrics():
-        if isinstance(metric, wanted):
+        if isinstance(metric, wanted) and metric.labels.get("model_name", model_name) == model_name:
             values[metric.name] = values.get(metric.name, 0) + metric.value
     return values
 
