@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per model (the same for every method)")
-    p.add_argument("--budget", type=float, default=None, help="seconds per model instead of a step count")
+    p.add_argument("--budget", type=float, default=None, help="also stop each model after this many seconds (--steps stays the cap)")
     p.add_argument("--ratios", default="0.5,0.75,0.9", help="net compression ratios (of 0.5, 0.75, 0.9)")
     p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument("--continuation-prompts", type=int, default=32)

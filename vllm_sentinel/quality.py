@@ -38,7 +38,7 @@ class QualityConfig:
     corpus: str = str(DEFAULT_CORPUS)
     out: str = "runs/quality"
     steps: int = 150               # fine-tuning steps per model: the same for every method
-    budget_s: float | None = None  # or the same seconds each (sentinel steps cost more: longer streams)
+    budget_s: float | None = None  # optional: also stop at the same seconds each (sentinel steps cost more)
     ratios: tuple[float, ...] = (0.5, 0.75, 0.9)
     window: int = 256
     eval_tokens: int = 16_384
