@@ -1,7 +1,6 @@
 """`vllm serve MODEL --attention-backend sentinel` through the `openai` client, as users run it."""
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,14 +10,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from vllm_sentinel.bench_serve import free_port, wait_until_healthy
+
 VLLM = str(Path(sys.executable).parent / "vllm")
 SERVE_ARGS = ["--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M", "--max-model-len", "1024"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +25,11 @@ def server(sentinel_model_dir, tmp_path_factory):
                                     "--host", "127.0.0.1", "--port", str(port), *SERVE_ARGS],
                                    stdout=sink, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
+    try:
+        wait_until_healthy(process, base + "/health", log, timeout_s=240)
+    except RuntimeError as error:
         process.kill()
-        pytest.fail(f"vllm serve did not come up in 240 s:\n{log.read_text()[-3000:]}")
+        pytest.fail(f"{error}:\n{log.read_text()[-3000:]}")
     yield {"base": base, "model": str(sentinel_model_dir), "log": log,
            "client": openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)}
     process.terminate()

@@ -36,13 +36,14 @@ class ServeWorkload:
         return cdiv(int(self.kv_budget_requests * (self.input_len + self.output_len)), self.block_size) + 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_for(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 300) -> None:
+def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 300) -> None:
+    """Until `vllm serve` answers `url`; a server that exits or stays silent raises, naming its log."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
@@ -56,7 +57,7 @@ def _wait_for(process: subprocess.Popen, url: str, log: Path, timeout_s: float =
 
 
 def run_backend(model: str, backend: str, workload: ServeWorkload, out_dir: Path, serve_args: list[str]) -> dict:
-    port = _free_port()
+    port = free_port()
     log = out_dir / f"serve-{backend}.log"
     command = [VLLM, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--block-size",
                str(workload.block_size), "--num-gpu-blocks-override", str(workload.kv_blocks),
@@ -66,7 +67,7 @@ def run_backend(model: str, backend: str, workload: ServeWorkload, out_dir: Path
     with open(log, "w") as sink:
         server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        _wait_for(server, f"http://127.0.0.1:{port}/health", log)
+        wait_until_healthy(server, f"http://127.0.0.1:{port}/health", log)
         result_file = f"bench-serve-{backend}.json"
         subprocess.run([VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
                         "--model", model, "--tokenizer", model, "--dataset-name", "random",
