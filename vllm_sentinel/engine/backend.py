@@ -114,7 +114,7 @@ class MaskedGroup:
     visible: torch.Tensor     # [G, Q, K] bool
 
 
-def pad_group(pieces: list[Segment]) -> MaskedGroup:
+def pad_group(pieces: list[Segment], device) -> MaskedGroup:
     q_max = max(piece.query_rows.numel() for piece in pieces)
     k_max = max(piece.keys.numel() for piece in pieces)
     query_rows = torch.full((len(pieces), q_max), -1, dtype=torch.long)
@@ -126,7 +126,7 @@ def pad_group(pieces: list[Segment]) -> MaskedGroup:
         query_rows[i, :q], keys[i, :k] = piece.query_rows, piece.keys
         visible[i, :q] = False
         visible[i, :q, :k] = piece.visible
-    return MaskedGroup(query_rows, keys, visible)
+    return MaskedGroup(query_rows.to(device), keys.to(device), visible.to(device))
 
 
 @dataclass
@@ -168,8 +168,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             offset += chunk.cached_len
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces])
         device = cm.block_table_tensor.device
-        masked = [pad_group([pieces[i] for i in group]) for group in groups]
-        masked = [MaskedGroup(g.query_rows.to(device), g.keys.to(device), g.visible.to(device)) for g in masked]
+        masked = [pad_group([pieces[i] for i in group], device) for group in groups]
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel,
                                          torch.cat(cached_slots).to(device), masked)
 

@@ -119,7 +119,6 @@ class SentinelStatLogger(_stat_logger_base()):
         if self.active and _Prometheus._instance is not None:
             _Prometheus._instance.restart(self.labels)
 
-
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if not self.active or scheduler_stats is None:
             return
