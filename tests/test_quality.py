@@ -1,4 +1,4 @@
-"""`vllm-sentinel quality` in miniature: one ratio, seconds of fine-tuning, a few windows.
+"""`vllm-sentinel quality` in miniature: one ratio, three fine-tuning steps per model, a few windows.
 
 The figures of a run this small mean nothing; the test checks that every part runs and that vLLM
 and transformers agree on the sentinel perplexity of the same windows.
