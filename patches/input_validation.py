@@ -1,8 +1,9 @@
-"""Refuse, per request, prompts that hold a sentinel id and malformed sentinel options.
+"""Refuse, per request and in the front end, what the sentinel engine cannot serve.
 
 Why here: the input processor runs in the front end, where a validation error fails that one
 request (HTTP 400 from `vllm serve`, an exception from `LLM.generate`) and the engine keeps
-serving the others; EngineCore never sees the request.
+serving the others. The checks themselves are `EngineSettings.check_request`; EngineCore runs
+them again (engine_core_validation.py) for requests that do not come through this front end.
 """
 from __future__ import annotations
 
@@ -16,35 +17,47 @@ def apply(settings_of) -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
+    original_process = InputProcessor.process_inputs
     original_inputs = InputProcessor._validate_model_inputs
     original_params = InputProcessor._validate_params
     if getattr(original_inputs, "_sentinel", False):
         return
 
+    def process_inputs(self, request_id, prompt, params, *args, resumable: bool = False, **kwargs):
+        if resumable and settings_of(self.vllm_config) is not None:
+            raise VLLMValidationError(
+                "streaming-input sessions (resumable requests) are not supported with --attention-backend "
+                "sentinel; send each input as one request", parameter="resumable")
+        return original_process(self, request_id, prompt, params, *args, resumable=resumable, **kwargs)
+
     def _validate_model_inputs(self, encoder_input, decoder_input):
-        original_inputs(self, encoder_input, decoder_input)
         settings = settings_of(self.vllm_config)
-        if settings is None or decoder_input.get("type") == "embeds":
-            return
-        sentinels = set(settings.sentinel_ids)
-        for index, token_id in enumerate(decoder_input["prompt_token_ids"]):
-            if token_id in sentinels:
-                name = "<CL>" if token_id == settings.cl_token_id else "<CR>"
-                raise VLLMValidationError(
-                    f"the prompt holds the sentinel token {name} (id {token_id}) at position {index}; sentinels "
-                    f"are inserted by the engine and may not appear in prompts. Remove it (in text, the literal "
-                    f"string {name} tokenizes to the sentinel: rephrase it)", parameter="prompt")
+        # Ours first: vLLM's own vocabulary check would call a sentinel id merely out of vocabulary.
+        if settings is not None and decoder_input.get("type") != "embeds":
+            sentinels = set(settings.sentinel_ids)
+            for index, token_id in enumerate(decoder_input["prompt_token_ids"]):
+                if token_id in sentinels:
+                    name = "<CL>" if token_id == settings.cl_token_id else "<CR>"
+                    raise VLLMValidationError(
+                        f"the prompt holds the sentinel token {name} (id {token_id}) at position {index}; "
+                        "sentinels are inserted by the engine and may not appear in prompt_token_ids. Remove "
+                        f"it (as text, the string {name} is served as ordinary characters)", parameter="prompt")
+        original_inputs(self, encoder_input, decoder_input)
 
     def _validate_params(self, params, supported_tasks):
         result = original_params(self, params, supported_tasks)
         settings = settings_of(self.vllm_config)
-        if settings is not None and isinstance(params, SamplingParams):
+        if settings is not None:
+            if not isinstance(params, SamplingParams):
+                raise VLLMValidationError("the sentinel engine serves generation requests only")
             try:
-                settings.request_schedule(params.extra_args)
+                settings.check_request((), params)
             except ValueError as err:
-                raise VLLMValidationError(str(err), parameter="extra_args") from None
+                parameter = "allowed_token_ids" if "allowed_token_ids" in str(err) else "extra_args"
+                raise VLLMValidationError(str(err), parameter=parameter) from None
         return result
 
     _validate_model_inputs._sentinel = True
+    InputProcessor.process_inputs = process_inputs
     InputProcessor._validate_model_inputs = _validate_model_inputs
     InputProcessor._validate_params = _validate_params

@@ -11,7 +11,7 @@ from vllm_sentinel.schedule import ScheduledSpans
 
 ENGINE_DEFAULTS = dict(enforce_eager=True, dtype="float32", seed=0, max_model_len=1024,
                        kv_cache_memory_bytes=64 << 20)
-LOGPROB_TOLERANCE = 1e-3
+LOGPROB_TOLERANCE = 1e-4  # fp32: the engine sits at the ~2e-6 noise floor of stock vLLM
 
 
 def make_llm(model_dir, sentinel: bool = True, **overrides):

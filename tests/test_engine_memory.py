@@ -110,10 +110,16 @@ def test_a_batch_needing_4x_the_pool_runs_concurrently_while_stock_preempts(engi
     assert stats.peak_running == NUM_REQUESTS and stats.blocks_freed > 0
 
 
-def test_preemption_changes_no_output(engines):
+def test_preemption_changes_no_output_and_counts_each_span_once(engines):
     reference, _, _ = run(engines["sentinel"], batch_prompts(), GREEDY)
+    small = scheduler_of(engines["sentinel_small_pool"])
+    closed_before = small.current_sentinel_stats().spans_closed
     preempted, preemptions, _ = run(engines["sentinel_small_pool"], batch_prompts(), GREEDY)
     assert preemptions > 0
+    # A recomputed request closes its spans again; the counter must not count them twice.
+    layout = KVLayout(ScheduleConfig(*ENGINE_MODEL_SCHEDULE))
+    computed = PROMPT + GENERATE - 1  # the last sampled token is never computed
+    assert small.current_sentinel_stats().spans_closed - closed_before == NUM_REQUESTS * layout.num_closed(computed)
     assert {k: list(v.token_ids) for k, v in preempted.items()} == {k: list(v.token_ids) for k, v in reference.items()}
 
 

@@ -90,23 +90,37 @@ def test_prefix_caching_is_turned_off(engines):
         assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
 
 
-@pytest.mark.parametrize("prompt", [{"prompt_token_ids": [5, 6, 4097, 7]}, "a prompt with <CL> in its text"],
-                         ids=["token ids", "text"])
-def test_a_prompt_holding_a_sentinel_is_refused_and_the_engine_serves_on(engines, prompt):
+def test_a_prompt_holding_a_sentinel_id_is_refused_and_the_engine_serves_on(engines):
     llm, _ = engines["chunked"]
-    with pytest.raises(VLLMValidationError, match="sentinel token <C[LR]> .* may not appear in prompts"):
-        llm.generate([prompt], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="sentinel token <CR> .* may not appear in prompt_token_ids"):
+        llm.generate([{"prompt_token_ids": [5, 6, 4097, 7]}], SamplingParams(max_tokens=4), use_tqdm=False)
     [out] = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 4
 
 
+def test_the_text_of_a_sentinel_in_a_prompt_is_served_as_ordinary_characters(engines, sentinel_model_dir):
+    """A vim mapping or a regex may hold "<CR>": it is text, never the sentinel id."""
+    from transformers import AutoTokenizer
+
+    llm, _ = engines["chunked"]
+    text = "nnoremap <leader>w :w<CR> and <CL>"
+    [out] = llm.generate([text], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 4
+    assert not {4096, 4097} & set(out.prompt_token_ids)
+    assert llm.get_tokenizer().decode(out.prompt_token_ids, skip_special_tokens=False).endswith(":w<CR> and <CL>")
+    # The model's own tokenizer still knows the tokens (training inserts them by id): only the
+    # sentinel engine's renderer reads them as text.
+    assert 4097 in AutoTokenizer.from_pretrained(sentinel_model_dir)(text)["input_ids"]
+
+
 @pytest.mark.parametrize("extra, message", [
-    ({"sentinel": {"span": 1}}, "span must be >= 2"),
-    ({"sentinel": {"window": 3}}, r"unknown field\(s\) \['window'\]"),
-    ({"sentinel": {"enabled": "no"}}, "enabled must be true or false"),
-    ({"sentinel_span": 1}, "span must be >= 2"),
+    ({"sentinel": {"span": 1}}, r"extra_args\['sentinel'\]\['span'\]=1 is out of range"),
+    ({"sentinel": {"window": 3}}, r"extra_args\['sentinel'\]\['window'\]=3 is not served by this release"),
+    ({"sentinel": {"enabled": "no"}}, "must be true or false"),
+    ({"sentinel_span": 1}, "sentinel_span=1 is out of range"),
+    ({"sentinel_span": 2 ** 63}, "sentinel_span=9223372036854775808 is out of range"),
     ({"sentinel_span": 8, "sentinel": {"gap": 1}}, "not both"),
-    ({"sentinel": {"enabled": False, "span": 8}}, "makes no sense with enabled=false"),
+    ({"sentinel": {"enabled": False, "span": 8}}, "makes no sense with"),
     ({"sentinel": 8}, "must be an object"),
 ])
 def test_bad_per_request_options_are_refused_by_name(engines, extra, message):

@@ -87,9 +87,14 @@ def test_per_request_options_over_http(server):
 
 @pytest.mark.parametrize("body, message", [
     ({"prompt": [5, 6, 4097, 7]}, "sentinel token <CR>"),
-    ({"prompt": "look: <CL> here"}, "sentinel token <CL>"),
-    ({"prompt": "x", "vllm_xargs": {"sentinel_span": 1}}, "span must be >= 2"),
-    ({"prompt": "x", "vllm_xargs": {"sentinel_colour": 1}}, "unknown field"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_span": 1}}, "sentinel_span=1 is out of range"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_span": 2 ** 63}}, "sentinel_span=9223372036854775808 is out of range"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_span": 2 ** 62, "sentinel_gap": 2 ** 62}}, "is out of range"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_span": "8"}}, "sentinel_span='8' is not an integer"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_span": 8.5}}, "sentinel_span=8.5 is not an integer"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_colour": 1}}, "unknown sentinel option"),
+    ({"prompt": "x", "allowed_token_ids": [4096, 4097]}, "holds only sentinel ids"),
+    ({"prompt": [5, 10 ** 9]}, "out of vocabulary"),
 ])
 def test_bad_requests_get_400_and_the_server_serves_on(server, body, message):
     client, model = server["client"], server["model"]
@@ -97,6 +102,13 @@ def test_bad_requests_get_400_and_the_server_serves_on(server, body, message):
     with pytest.raises(openai.BadRequestError, match=message):
         client.completions.create(model=model, prompt=body["prompt"], max_tokens=4, extra_body=extra or None)
     assert client.completions.create(model=model, prompt="still serving", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_the_text_of_a_sentinel_is_served_as_text(server):
+    client, model = server["client"], server["model"]
+    response = client.completions.create(model=model, prompt="map <CR> to save, match <CL>", max_tokens=4,
+                                         extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == 4
 
 
 def metric(text: str, name: str) -> float:

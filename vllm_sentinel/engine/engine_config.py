@@ -10,7 +10,7 @@ import os
 
 from vllm.logger import init_logger
 
-from .settings import KEY, EngineSettings
+from .settings import KEY, RESOLVED_KEY, EngineSettings
 
 logger = init_logger("vllm.sentinel")
 
@@ -27,9 +27,13 @@ def sentinel_selected(vllm_config) -> bool:
 
 
 def settings_of(vllm_config) -> EngineSettings | None:
-    """The engine's resolved sentinel settings, None when the sentinel backend is not in use."""
-    data = (vllm_config.additional_config or {}).get(KEY)
-    return EngineSettings.from_json(data) if EngineSettings.is_resolved(data) else None
+    """The engine's resolved sentinel settings, None when the sentinel backend is not in use.
+
+    Both conditions: a stock engine whose additional_config happens to hold our key stays stock."""
+    data = (vllm_config.additional_config or {}).get(RESOLVED_KEY)
+    if not isinstance(data, dict) or not sentinel_selected(vllm_config):
+        return None
+    return EngineSettings.from_json(data)
 
 
 def refuse_incompatible(vllm_config) -> None:
@@ -51,6 +55,9 @@ def refuse_incompatible(vllm_config) -> None:
         problems.append("KV transfer connectors (drop --kv-transfer-config)")
     if model.enable_prompt_embeds:
         problems.append("prompt embeddings (drop --enable-prompt-embeds)")
+    if model.runner_type != "generate":
+        problems.append(f"the {model.runner_type} runner (pooling and embedding models; the sentinel engine "
+                        "serves text generation)")
     if model.is_multimodal_model:
         problems.append("multimodal models")
     if model.hf_config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -74,17 +81,17 @@ def configure(vllm_config) -> EngineSettings:
     additional = vllm_config.additional_config
     if additional is None:
         additional = vllm_config.additional_config = {}
-    current = additional.get(KEY)
-    if EngineSettings.is_resolved(current):
-        return EngineSettings.from_json(current)
-
+    # Resolved from the user's options every time, never taken from the config as already resolved:
+    # skipping the set-up below because of what a user passed would run the stock scheduler and
+    # worker on sentinel settings.
     tokenizer = None
     if not model.skip_tokenizer_init:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.tokenizer, trust_remote_code=model.trust_remote_code)
-    settings = EngineSettings.resolve(model.model, current, model.get_vocab_size(), tokenizer)
-    additional[KEY] = settings.to_json()
+    settings = EngineSettings.resolve(model.model, additional.get(KEY), model.get_vocab_size(),
+                                      model.max_model_len, tokenizer)
+    additional[RESOLVED_KEY] = settings.to_json()
 
     vllm_config.parallel_config.worker_cls = WORKER_PATHS[vllm_config.device_config.device_type]
     scheduler.scheduler_cls = SCHEDULER_PATH
@@ -103,7 +110,9 @@ def configure(vllm_config) -> EngineSettings:
     if vllm_config.use_v2_model_runner:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by EngineCore and the workers
     logger.info("sentinel: %s with <CL>=%d <CR>=%d, default schedule sink=%d span=%d gap=%d; "
-                "%d real tokens per step (+ room for sentinels)", settings.model_dir, settings.cl_token_id,
-                settings.cr_token_id, settings.schedule.sink, settings.schedule.span, settings.schedule.gap,
-                real_budget)
+                "%d real tokens per step (+ room for sentinels); requests may %s (min_span %d)",
+                settings.model_dir, settings.cl_token_id, settings.cr_token_id, settings.schedule.sink,
+                settings.schedule.span, settings.schedule.gap, real_budget,
+                "choose their schedule" if settings.allow_request_overrides else "not choose their schedule",
+                settings.min_span)
     return settings

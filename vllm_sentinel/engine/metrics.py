@@ -107,9 +107,9 @@ class SentinelStatLogger(_stat_logger_base()):
     """Logs and exports the sentinel counters of one engine; inert unless the sentinel backend runs."""
 
     def __init__(self, vllm_config, engine_index: int = 0):
-        from .settings import EngineSettings, KEY
+        from .engine_config import settings_of
 
-        self.active = EngineSettings.is_resolved((vllm_config.additional_config or {}).get(KEY))
+        self.active = settings_of(vllm_config) is not None
         self.engine_index = engine_index
         self.labels = {"model_name": vllm_config.model_config.served_model_name, "engine": str(engine_index)}
         self.last: SentinelStats | None = None

@@ -25,6 +25,9 @@ class SentinelScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         self.sentinel = EngineSettings.of(vllm_config)
         self.layouts: dict[str, KVLayout] = {}
+        # Real tokens of each request whose spans are already counted: a request recomputed after
+        # preemption closes the same spans again, and they must not count twice.
+        self.counted_upto: dict[str, int] = {}
         self.sentinel_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
                                   if isinstance(m, SentinelAttentionManager)]
         if not self.sentinel_managers:
@@ -37,6 +40,8 @@ class SentinelScheduler(Scheduler):
                     self.sentinel.cl_token_id, self.sentinel.cr_token_id, self.sentinel.schedule)
 
     def add_request(self, request) -> None:
+        # The request was checked before it got here (patches/engine_core_validation.py), so this
+        # cannot raise; streaming-input sessions, whose later chunks come through here, are refused.
         if request.request_id not in self.requests:
             self.layouts[request.request_id] = self.sentinel.request_layout(request.sampling_params)
         super().add_request(request)
@@ -44,6 +49,7 @@ class SentinelScheduler(Scheduler):
     def _free_blocks(self, request) -> None:
         super()._free_blocks(request)
         self.layouts.pop(request.request_id, None)
+        self.counted_upto.pop(request.request_id, None)
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
@@ -52,7 +58,10 @@ class SentinelScheduler(Scheduler):
             layout = self.layouts.get(req_id)
             if layout is not None and layout.compresses:
                 end = self.requests[req_id].num_computed_tokens  # already advanced past this step
-                closed += layout.num_closed(end) - layout.num_closed(end - num_tokens)
+                counted = self.counted_upto.get(req_id, 0)
+                if end > counted:
+                    closed += layout.num_closed(end) - layout.num_closed(max(end - num_tokens, counted))
+                    self.counted_upto[req_id] = end
         stats = self.sentinel_stats
         stats.spans_closed += closed
         stats.sentinel_tokens += 2 * closed
