@@ -35,6 +35,7 @@ class SentinelModelRunnerMixin:
         self.sentinel_layouts: dict[str, KVLayout] = {}
         self._sentinel_real: dict[str, int] = {}
         self._sentinel_plan: StepPlan | None = None
+        self._sentinel_rng_states: dict[int, torch.Tensor] = {}  # batch row -> CPU generator state
 
     # -- setup ----------------------------------------------------------------------------------
     def load_model(self, *args, **kwargs) -> None:
@@ -104,7 +105,19 @@ class SentinelModelRunnerMixin:
                 del block_ids[keep:]
                 if row is not None:
                     table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row], keep)
-        return super()._update_states(scheduler_output)
+        result = super()._update_states(scheduler_output)
+        # logprobs=-1 / prompt_logprobs=-1 ask for every column of the logits, and vLLM would list
+        # the sentinels too (at -inf). They are not tokens a client can see: cap every count at the
+        # real vocabulary (sentinels rank last, so the top `limit` are exactly the real tokens).
+        batch = self.input_batch
+        limit = batch.vocab_size - len(self.sentinel.sentinel_ids)
+        over = [req_id for req_id, count in self.num_prompt_logprobs.items() if count > limit]
+        self.num_prompt_logprobs.update(dict.fromkeys(over, limit))
+        over = [req_id for req_id, count in batch.num_logprobs.items() if count > limit]
+        if over:
+            batch.num_logprobs.update(dict.fromkeys(over, limit))
+            batch.sampling_metadata = batch._make_sampling_metadata()  # built from the uncapped counts just now
+        return result
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         batch = self.input_batch
@@ -144,6 +157,14 @@ class SentinelModelRunnerMixin:
         num_tokens = np.array([self.requests[req_id].num_tokens for req_id in batch.req_ids])
         self.discard_request_mask.np[:num_reqs] = plan.computed + plan.num_real < num_tokens
         self.discard_request_mask.copy_to_gpu(num_reqs)
+        # vLLM rewinds a seeded request's generator after a discarded sample (a partial prefill) by
+        # its CUDA offset; a CPU generator has none ("CPU Generator does not use offset" killed the
+        # step, and with it EngineCore). Keep their state here; `_bookkeeping_sync` puts it back.
+        self._sentinel_rng_states = {}
+        for index in np.flatnonzero(self.discard_request_mask.np[:num_reqs]).tolist():
+            generator = batch.generators.get(index)
+            if generator is not None and generator.device.type == "cpu":
+                self._sentinel_rng_states[index] = generator.get_state()
         self.num_accepted_tokens.np.fill(1)
         self.num_accepted_tokens.gpu.fill_(1)
 
@@ -161,6 +182,19 @@ class SentinelModelRunnerMixin:
         self._sentinel_plan = self.sentinel_step.plan = plan
         logits_indices = torch.from_numpy(plan.logits_rows).to(self.device)
         return logits_indices, None, 1
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # Rewind the CPU generators of discarded samples (see `_prepare_inputs`) and hide them from
+        # vLLM's offset rewind, which CPU generators do not support.
+        generators = self.input_batch.generators
+        rewound = {index: generators.pop(index) for index in self._sentinel_rng_states}
+        for index, generator in rewound.items():
+            generator.set_state(self._sentinel_rng_states[index])
+        self._sentinel_rng_states = {}
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            generators.update(rewound)
 
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
         plan = self._sentinel_plan
