@@ -1,4 +1,4 @@
-"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch, bench, bench-serve, quality)."""
+"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch, bench, bench-serve, soak, quality)."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +126,20 @@ def cmd_bench_serve(args) -> None:
     print(f"results in {args.out}/bench-serve.json and .png")
 
 
+def cmd_soak(args) -> None:
+    from .soak import SoakConfig, run_soak
+
+    config = SoakConfig(model=args.model, clients=args.clients, minutes=args.minutes, seed=args.seed,
+                        max_requests=args.max_requests, kv_blocks=args.kv_blocks, block_size=args.block_size,
+                        max_model_len=args.max_model_len, out=args.out, port=args.port,
+                        progress=not args.no_progress)
+    report = run_soak(config)
+    print(report["summary"])
+    print(f"results in {args.out}/soak.json, server log in {report['server_log']}")
+    if not report["passed"]:
+        sys.exit(1)
+
+
 def cmd_quality(args) -> None:
     from .quality import QualityConfig, format_report, run_quality
 
@@ -228,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--compile", action="store_true", help="torch.compile the servers (eager by default)")
     p.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("soak", help="hammer `vllm serve --attention-backend sentinel` and check no request hurt it",
+                       description="Starts `vllm serve --attention-backend sentinel` on a small KV pool, runs N "
+                                   "concurrent clients (good requests, dropped streams, client timeouts, bad inputs) "
+                                   "and checks that good requests succeeded, bad ones got a 4xx, the server is "
+                                   "healthy and idle afterwards, and a greedy reference is unchanged. Exits 1 when not.")
+    p.add_argument("--model", required=True, help="a sentinel model directory")
+    p.add_argument("--clients", type=int, default=256, help="concurrent client loops")
+    p.add_argument("--minutes", type=float, default=10.0, help="minutes of load")
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="stop the load after this many requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-blocks", type=int, default=24, help="KV pool in blocks (small: requests get preempted)")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.add_argument("--out", default="runs/soak", help="soak.json and serve.log go here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("quality", help="the paper's perplexity table in miniature: sentinel vs local vs scattered",
                        description="Fine-tunes one base model per method and compression ratio with the same recipe "
