@@ -50,7 +50,7 @@ def test_writes_a_model_transformers_loads_with_its_config(trained):
     assert model.config.vocab_size == VOCAB + 2
     assert not (out / "checkpoint").exists()
     saved_log = json.loads((out / "train_log.json").read_text())
-    assert saved_log["step"] == 40 and saved_log["config"]["schedule"] == {"sink": 2, "span": 8, "gap": 0}
+    assert saved_log["step"] == 40 and saved_log["config"]["schedule"] == {"sink": 2, "span": 8, "gap": 0, "window": 0}
     assert log["log"][-1]["heldout_ppl"] < log["log"][0]["heldout_ppl"]
 
 
@@ -119,3 +119,54 @@ def test_bad_regime_and_short_corpus_are_refused(tmp_path):
         train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM, STREAM, recipe(regime="dense"), tmp_path)
     with pytest.raises(ValueError, match="need more than seq_len"):
         train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM[:50], STREAM, recipe(), tmp_path / "x")
+
+
+def test_train_cli_with_a_window_records_it_and_trains_finite(tmp_path):
+    """`vllm-sentinel train --window W`: the windowed mask trains (finite loss) and W is recorded."""
+    import math
+
+    from vllm_sentinel import cli
+
+    base = tmp_path / "base"
+    tiny_llama(vocab_size=VOCAB).save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for doc in range(24):  # the held-out split is by document
+        words = STREAM[doc * 400: (doc + 1) * 400]
+        (corpus / f"doc{doc:02d}.txt").write_text(" ".join(f"w{i}" for i in words))
+    out = tmp_path / "out"
+    code = cli.main(["train", "--base", str(base), "--corpus", str(corpus), "--out", str(out),
+                     "--sink", "2", "--span", "8", "--gap", "1", "--window", "5", "--seq-len", "48",
+                     "--batch-size", "2", "--steps", "4", "--eval-every", "4", "--checkpoint-every", "100"])
+    assert code == 0
+    written = json.loads((out / "sentinel_config.json").read_text())
+    assert written["schedule"] == {"sink": 2, "span": 8, "gap": 1, "window": 5}
+    assert SentinelConfig.load(out).schedule == ScheduleConfig(2, 8, 1, 5)
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["config"]["schedule"]["window"] == 5 and log["step"] == 4
+    assert math.isfinite(log["log"][-1]["train_loss"]) and math.isfinite(log["log"][-1]["heldout_ppl"])
+
+
+def test_window_sampler_uses_a_jittered_window_per_sample():
+    """Each sample's mask follows its own jittered W; W = 0 draws the same spans as before."""
+    from vllm_sentinel.masks import build_stream
+
+    stream = torch.as_tensor(STREAM[:5000])
+    cfg = recipe(schedule=ScheduleConfig(2, 8, 0, 12), batch_size=6)
+    sampler = training.WindowSampler(stream, cfg, (VOCAB, VOCAB + 1))
+    reference = training.JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
+    plain = training.JitteredSpans(ScheduleConfig(2, 8, 0), cfg.jitter, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, stream.numel() - cfg.seq_len, (cfg.batch_size,), generator=generator)
+    batch = sampler.batch()
+    windows = set()
+    for row, start in enumerate(starts.tolist()):
+        torch.rand((), generator=generator)  # the sampler's random-span coin
+        spans, window = reference.draw(cfg.seq_len)
+        assert torch.equal(spans, plain.spans(cfg.seq_len))
+        windows.add(window)
+        s = build_stream(stream[start: start + cfg.seq_len], spans, VOCAB, VOCAB + 1, window=window)
+        visible = batch.attention_mask[row, 0, : len(s), : len(s)] == 0
+        assert torch.equal(visible, s.mask)
+    assert len(windows) > 1 and all(9 <= w <= 15 for w in windows)

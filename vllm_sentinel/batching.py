@@ -37,9 +37,11 @@ class Batch:
 
 
 def build_example(real_ids: torch.Tensor, regime: str, spans: torch.Tensor, cl_id: int, cr_id: int,
-                  generator: torch.Generator | None = None) -> Example:
+                  generator: torch.Generator | None = None, window: int = 0) -> Example:
+    """One window of real tokens under `regime`; `window` is the schedule's recent window W (the
+    baselines keep the same per-query KV budget as sentinel compression with that W)."""
     if regime == "sentinel":
-        s = build_stream(real_ids, spans, cl_id, cr_id)
+        s = build_stream(real_ids, spans, cl_id, cr_id, window=window)
         return Example(s.input_ids, s.position_ids, s.labels, s.mask)
     n = real_ids.numel()
     labels = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
@@ -47,9 +49,9 @@ def build_example(real_ids: torch.Tensor, regime: str, spans: torch.Tensor, cl_i
     if regime == "full":
         mask = torch.ones(n, n, dtype=torch.bool).tril()
     elif regime == "local":
-        mask = local_attention_mask(n, spans)
+        mask = local_attention_mask(n, spans, window)
     elif regime == "scattered":
-        mask = scattered_attention_mask(n, spans, generator)
+        mask = scattered_attention_mask(n, spans, generator, window)
     else:
         raise ValueError(f"unknown attention regime {regime!r}; choose one of {REGIMES}")
     return Example(real_ids, torch.arange(n), labels, mask)

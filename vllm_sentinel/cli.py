@@ -18,14 +18,16 @@ def _add_schedule_args(parser: argparse.ArgumentParser, defaults: ScheduleConfig
 def _schedule(args, default: ScheduleConfig) -> ScheduleConfig:
     return ScheduleConfig(sink=default.sink if args.sink is None else args.sink,
                           span=default.span if args.span is None else args.span,
-                          gap=default.gap if args.gap is None else args.gap)
+                          gap=default.gap if args.gap is None else args.gap,
+                          window=default.window)
 
 
 def cmd_train(args) -> None:
     from .corpus import corpus_streams
     from .training import TrainConfig, load_base, train
 
-    cfg = TrainConfig(schedule=_schedule(args, ScheduleConfig()), regime=args.regime, seq_len=args.seq_len,
+    schedule = _schedule(args, ScheduleConfig(window=args.window))
+    cfg = TrainConfig(schedule=schedule, regime=args.regime, seq_len=args.seq_len,
                       batch_size=args.batch_size, steps=args.steps, time_budget_s=args.time_budget,
                       lr=args.lr, lora_rank=args.lora_rank, full_finetune=args.full_finetune,
                       jitter=args.jitter, random_span_fraction=args.random_spans,
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="text file or directory of documents")
     p.add_argument("--out", required=True, help="output model directory")
     _add_schedule_args(p, None)
+    p.add_argument("--window", type=int, default=0,
+                   help="recent window W: a closed span stays visible raw to the next W real tokens (default 0: the paper's rule)")
     p.add_argument("--regime", default="sentinel", choices=["sentinel", "local", "scattered", "full"],
                    help="sentinel (the method) or a baseline trained with the same budget")
     p.add_argument("--seq-len", type=int, default=256)
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
-    p.add_argument("--jitter", type=float, default=0.25, help="relative jitter of span/gap/sink lengths")
+    p.add_argument("--jitter", type=float, default=0.25, help="relative jitter of span/gap/sink lengths and the window")
     p.add_argument("--random-spans", type=float, default=0.0, help="share of windows with the paper's random spans")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)

@@ -4,7 +4,10 @@ The schema is fixed (other tools read it)::
 
     {"format_version": 1,
      "cl_token": "<CL>", "cr_token": "<CR>", "cl_token_id": 4096, "cr_token_id": 4097,
-     "schedule": {"sink": 4, "span": 16, "gap": 0}}
+     "schedule": {"sink": 4, "span": 16, "gap": 0, "window": 0}}
+
+`schedule.window` (the recent window W of the semantics page) is optional when read: a file
+without it means W = 0, so model directories written before it existed load unchanged.
 
 Every validation error names the field and says how to fix it, because the person who sees it
 is usually starting a server, not reading this file.
@@ -12,11 +15,12 @@ is usually starting a server, not reading this file.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "sentinel_config.json"
+SCHEDULE_KEYS = ("sink", "span", "gap", "window")
 FORMAT_VERSION = 1
 HOW_TO_MAKE = (
     "make one with `vllm-sentinel train --base BASE_DIR --corpus PATH --out MODEL_DIR` "
@@ -30,14 +34,19 @@ class SentinelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Which real tokens get compressed: `sink` never, then spans of `span` with `gap` between."""
+    """Which real tokens get compressed: `sink` never, then spans of `span` with `gap` between.
+
+    `window` W: a closed span stays visible raw to the next W real tokens after its last one and is
+    seen through its `<CR>` only after that (W = 0: the paper's rule).
+    """
 
     sink: int = 4
     span: int = 16
     gap: int = 0
+    window: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("sink", "span", "gap"):
+        for name in SCHEDULE_KEYS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SentinelConfigError(
@@ -51,6 +60,9 @@ class ScheduleConfig:
         if self.gap < 0:
             raise SentinelConfigError(
                 f"schedule.gap must be >= 0, got {self.gap}; use 0 for back-to-back spans")
+        if self.window < 0:
+            raise SentinelConfigError(
+                f"schedule.window must be >= 0, got {self.window}; use 0 for the paper's rule (no recent window)")
 
     @property
     def net_ratio(self) -> float:
@@ -58,22 +70,29 @@ class ScheduleConfig:
         return (self.span - 1) / (self.span + self.gap)
 
     def ideal_kv_slots(self, num_tokens: int) -> float:
-        """Steady-state physical KV length for `num_tokens` real tokens (semantics page)."""
-        if num_tokens <= self.sink:
+        """Steady-state physical KV length for `num_tokens` real tokens (semantics page):
+        S + (n - S - W)(G + 1)/(L + G) + W + L. Until n passes S + W nothing has been compacted,
+        so the count is n itself (and never more than n)."""
+        if num_tokens <= self.sink + self.window:
             return float(num_tokens)
-        tail = num_tokens - self.sink
-        return self.sink + tail * (self.gap + 1) / (self.span + self.gap) + self.span
+        tail = num_tokens - self.sink - self.window
+        ideal = self.sink + tail * (self.gap + 1) / (self.span + self.gap) + self.window + self.span
+        return min(float(num_tokens), ideal)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "schedule") -> "ScheduleConfig":
         if not isinstance(data, dict):
             raise SentinelConfigError(
-                f"{where} must be an object like {{\"sink\": 4, \"span\": 16, \"gap\": 0}}, got {data!r}")
-        unknown = set(data) - {"sink", "span", "gap"}
+                f"{where} must be an object like {{\"sink\": 4, \"span\": 16, \"gap\": 0, \"window\": 0}}, "
+                f"got {data!r}")
+        unknown = set(data) - set(SCHEDULE_KEYS)
         if unknown:
             raise SentinelConfigError(
-                f"{where} has unknown field(s) {sorted(unknown)}; allowed: sink, span, gap")
-        return cls(**data)
+                f"{where} has unknown field(s) {sorted(unknown)}; allowed: {', '.join(SCHEDULE_KEYS)}")
+        return cls(**data)  # a missing "window" is 0: files written before it existed load unchanged
+
+    def to_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in SCHEDULE_KEYS}
 
 
 @dataclass(frozen=True)
@@ -118,7 +137,7 @@ class SentinelConfig:
         return {"format_version": self.format_version,
                 "cl_token": self.cl_token, "cr_token": self.cr_token,
                 "cl_token_id": self.cl_token_id, "cr_token_id": self.cr_token_id,
-                "schedule": asdict(self.schedule)}
+                "schedule": self.schedule.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Any) -> "SentinelConfig":

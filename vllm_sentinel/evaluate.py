@@ -40,7 +40,8 @@ def perplexity(model, token_stream, regime: str, config: SentinelConfig, schedul
     total, count = 0.0, 0
     starts = range(0, len(chunks), batch_size)
     for first in tqdm(starts, desc=f"perplexity[{regime}]", disable=not progress, leave=False):
-        examples = [build_example(c, regime, spans, config.cl_token_id, config.cr_token_id, generator)
+        examples = [build_example(c, regime, spans, config.cl_token_id, config.cr_token_id, generator,
+                                  window=schedule.window)
                     for c in chunks[first: first + batch_size]]
         batch = collate(examples, pad_id=0, dtype=model.dtype).to(model.device)
         total += float(batch_loss(model, batch, reduction="sum"))

@@ -9,6 +9,9 @@ For real ids `x_0..x_{n-1}` and complete spans `[start, end)`, the stream writes
 - <CL> sees only itself;
 - <CR> sees its own <CL>, its span's tokens and itself.
 Positions: real x_t -> t, <CL> -> start - 1 (0 when start = 0), <CR> -> end - 1.
+
+With a recent window W > 0 only the real queries' rule changes: real x_t sees the real tokens of
+a closed span ending at x_j raw while t - j <= W, and its <CR> once t - j > W (never both).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .schedule import as_spans
 
 REAL, CL, CR = 0, 1, 2
 IGNORE_INDEX = -100
+NO_SPAN_END = torch.iinfo(torch.long).max  # `span_last` of tokens outside every span
 
 
 @dataclass
@@ -42,8 +46,11 @@ class SentinelStream:
         return self.input_ids.numel()
 
 
-def build_stream(real_ids: list[int] | torch.Tensor, spans, cl_id: int, cr_id: int) -> SentinelStream:
-    """Insert `<CL>`/`<CR>` around each complete span and derive positions, mask and labels."""
+def build_stream(real_ids: list[int] | torch.Tensor, spans, cl_id: int, cr_id: int, window: int = 0) -> SentinelStream:
+    """Insert `<CL>`/`<CR>` around each complete span and derive positions, mask and labels.
+
+    `window` is the recent window W of the semantics page (0: the paper's rule)."""
+    window = _check_window(window)
     real_ids = torch.as_tensor(real_ids, dtype=torch.long).reshape(-1)
     n = real_ids.numel()
     spans = as_spans(spans)
@@ -85,20 +92,53 @@ def build_stream(real_ids: list[int] | torch.Tensor, spans, cl_id: int, cr_id: i
     span_index[cl_pos], span_index[cr_pos] = span_no, span_no
     close_pos[cl_pos], close_pos[cr_pos] = cr_pos, cr_pos
 
-    mask = attention_mask(kinds, span_index, close_pos)
+    if window:
+        # Real index of each span's last token, for its tokens, its <CL> and its <CR>.
+        span_last = torch.full((total,), NO_SPAN_END, dtype=torch.long)
+        has_span = span_index >= 0
+        span_last[has_span] = (ends - 1)[span_index[has_span]]
+        mask = attention_mask(kinds, span_index, close_pos, window=window, real_index=real_index,
+                              span_last=span_last)
+    else:
+        mask = attention_mask(kinds, span_index, close_pos)
     return SentinelStream(input_ids, position_ids, kinds, real_index, span_index, close_pos, labels, mask)
 
 
+def _check_window(window) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+    return window
+
+
 def attention_mask(kinds: torch.Tensor, span_index: torch.Tensor, close_pos: torch.Tensor,
-                   first_query: int = 0) -> torch.Tensor:
+                   first_query: int = 0, *, window: int = 0, real_index: torch.Tensor | None = None,
+                   span_last: torch.Tensor | None = None) -> torch.Tensor:
     """`[T - first_query, T]` bool visibility of the semantics page, from per-token kind, span and
     close position; rows are the queries from `first_query` on (the engine asks only for a chunk's
-    rows against its cached prefix)."""
+    rows against its cached prefix).
+
+    With `window` W > 0 two more per-token tensors are needed: `real_index` (t of a real token x_t;
+    anything for sentinels) and `span_last` (real index j of the last token of the token's span,
+    for its real tokens and its `<CR>`; `NO_SPAN_END` or any value >= every real index outside
+    spans). A real query x_t then sees a closed span's real tokens while t - j <= W and its `<CR>`
+    once t - j > W; `close_pos` is not used for real queries. W = 0 gives the paper's mask, and is
+    computed exactly as before (so `real_index`/`span_last` are not needed)."""
+    window = _check_window(window)
     total = kinds.numel()
     query = torch.arange(first_query, total).unsqueeze(1)
     key = torch.arange(total).unsqueeze(0)
     causal = key <= query
-    real_sees = (kinds[key] == CR) | ((kinds[key] == REAL) & (close_pos[key] > query))
+    if window:
+        if real_index is None or span_last is None:
+            raise ValueError("attention_mask with window > 0 needs real_index and span_last")
+        # x_t sees x_k raw iff t <= j + W, and the <CR> of the span ending at x_j iff t > j + W.
+        # (Inside a still-open span t <= j, so its own tokens stay visible and its <CR> is not yet.)
+        t = real_index[first_query:].unsqueeze(1)
+        last = span_last.unsqueeze(0)
+        in_window = t <= last.clamp(max=NO_SPAN_END - window) + window
+        real_sees = ((kinds[key] == REAL) & in_window) | ((kinds[key] == CR) & ~in_window)
+    else:
+        real_sees = (kinds[key] == CR) | ((kinds[key] == REAL) & (close_pos[key] > query))
     cr_sees = (span_index[key] == span_index[query]) & (span_index[query] >= 0)
     rule = torch.where(kinds[query] == REAL, real_sees, torch.where(kinds[query] == CL, key == query, cr_sees))
     return causal & rule
@@ -115,35 +155,38 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 # keys as it would under sentinel compression with the same spans: the comparison isolates *what*
 # is kept, not how much.
 
-def sentinel_kv_budget(num_tokens: int, spans) -> torch.Tensor:
-    """`[n]` number of keys each real token attends to under sentinel compression."""
-    stream = build_stream(torch.zeros(num_tokens, dtype=torch.long), spans, 0, 0)
+def sentinel_kv_budget(num_tokens: int, spans, window: int = 0) -> torch.Tensor:
+    """`[n]` number of keys each real token attends to under sentinel compression (with recent
+    window `window`)."""
+    stream = build_stream(torch.zeros(num_tokens, dtype=torch.long), spans, 0, 0, window=window)
     real = stream.real_positions
     return stream.mask[real].sum(dim=1)
 
 
-def local_attention_mask(num_tokens: int, spans) -> torch.Tensor:
+def local_attention_mask(num_tokens: int, spans, window: int = 0) -> torch.Tensor:
     """`[n, n]` bool: each token sees the most recent `budget` tokens (itself included)."""
-    budget = sentinel_kv_budget(num_tokens, spans)
+    budget = sentinel_kv_budget(num_tokens, spans, window)
     query = torch.arange(num_tokens).unsqueeze(1)
     key = torch.arange(num_tokens).unsqueeze(0)
     return (key <= query) & (key > query - budget.unsqueeze(1))
 
 
-def scattered_attention_mask(num_tokens: int, spans, generator: torch.Generator | None = None) -> torch.Tensor:
+def scattered_attention_mask(num_tokens: int, spans, generator: torch.Generator | None = None,
+                             window: int = 0) -> torch.Tensor:
     """`[n, n]` bool: once a span closes, one random token of it stays visible instead of a <CR>.
 
     The kept token of each span is drawn once, so the keep mask is shared by all queries: eviction
-    at random rather than into a learned summary.
+    at random rather than into a learned summary. With a recent window W the span stays whole for
+    the W real tokens after its end, as it does under sentinel compression.
     """
     spans = as_spans(spans)
-    stream = build_stream(torch.zeros(num_tokens, dtype=torch.long), spans, 0, 0)
+    stream = build_stream(torch.zeros(num_tokens, dtype=torch.long), spans, 0, 0, window=window)
     real = stream.real_positions
     visible = stream.mask[real][:, real]  # what sentinel attention leaves of the real tokens
     if spans.numel():
         lengths = spans[:, 1] - spans[:, 0]
         keep = spans[:, 0] + (torch.rand(lengths.numel(), generator=generator) * lengths).long()
-        closed_at = spans[:, 1]  # real tokens at or after `end` see the span as closed
+        closed_at = spans[:, 1] + window  # real tokens at or after `end + W` see the span as compressed
         query = torch.arange(num_tokens).unsqueeze(1)
         visible[:, keep] |= query >= closed_at.unsqueeze(0)
     return visible

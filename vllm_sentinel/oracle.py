@@ -3,6 +3,9 @@
 - `dense_logits`: one forward over the full stream with the sentinel mask and logical positions.
 - `IncrementalSentinelLM`: token-by-token decoding over a transformers KV cache that really drops
   a span's entries (and its `<CL>`) after `<CR>` is computed: what a serving engine must do.
+  With a recent window W the span stays raw in the cache for the W real tokens after its end;
+  `<CL>`/`<CR>` are computed (lazily, exact since `<CR>` sees only its `<CL>` and span) and the
+  span dropped right after x_{j+W} is fed, before x_{j+W+1}.
 Both return the logits of real tokens only; sentinels are never targets and never sampled.
 """
 from __future__ import annotations
@@ -60,10 +63,13 @@ def check_custom_mask_support(model) -> None:
 
 
 @torch.no_grad()
-def dense_logits(model, real_ids, spans, config: SentinelConfig) -> torch.Tensor:
-    """`[n, vocab]` logits of every real token from one masked forward over the full stream."""
+def dense_logits(model, real_ids, spans, config: SentinelConfig, window: int | None = None) -> torch.Tensor:
+    """`[n, vocab]` logits of every real token from one masked forward over the full stream.
+
+    `window`: the recent window W of the mask (None: `config.schedule.window`)."""
     check_custom_mask_support(model)
-    stream = build_stream(real_ids, spans, config.cl_token_id, config.cr_token_id)
+    window = config.schedule.window if window is None else window
+    stream = build_stream(real_ids, spans, config.cl_token_id, config.cr_token_id, window=window)
     device = model.device
     logits = model(input_ids=stream.input_ids.to(device)[None],
                    position_ids=stream.position_ids.to(device)[None],
@@ -80,12 +86,18 @@ def mask_sentinels(logits: torch.Tensor, config: SentinelConfig) -> torch.Tensor
 
 
 class IncrementalSentinelLM:
-    """Decoding with a KV cache that holds exactly what the next real token may attend to."""
+    """Decoding with a KV cache that holds exactly what the next real token may attend to.
+
+    With the schedule's recent window W, a span whose last token is x_j stays raw in the cache
+    until x_{j+W} has been fed; then its `<CL>` and `<CR>` are computed and the span and `<CL>`
+    dropped, so x_{j+W+1} on sees it only through `<CR>` (W = 0: right after x_j, the paper's rule).
+    """
 
     def __init__(self, model, config: SentinelConfig, schedule: ScheduleConfig | None = None):
         check_custom_mask_support(model)
         self.model, self.config = model, config
-        self.spans = ScheduledSpans(schedule or config.schedule)
+        self.schedule = schedule or config.schedule
+        self.spans = ScheduledSpans(self.schedule)
         self.reset()
 
     def reset(self) -> None:
@@ -93,6 +105,8 @@ class IncrementalSentinelLM:
         self.num_real = 0
         self.cache_len = 0
         self.sentinel_tokens = 0
+        # What each cache entry holds: the real index t of x_t, or -1 for a <CR>.
+        self.cache_real_index = torch.empty(0, dtype=torch.long)
 
     def _forward(self, ids: list[int], positions: list[int], visible: torch.Tensor) -> torch.Tensor:
         """Run `ids` over the cache; `visible` is `[len(ids), cache_len + len(ids)]` bool.
@@ -115,16 +129,26 @@ class IncrementalSentinelLM:
         self.cache_len = index.numel()
 
     def _close_span(self, start: int, end: int) -> None:
-        """Compute <CL> and <CR> for span [start, end), then drop the span and <CL> from the cache."""
-        span = end - start
-        before = self.cache_len  # the span's tokens are the last `span` cache entries
+        """Compute <CL> and <CR> for span [start, end), then drop the span and <CL> from the cache.
+
+        The span's tokens are wherever the cache holds them (the last `end - start` entries when
+        W = 0; followed by up to W later real tokens otherwise); `<CR>` takes the slot of the
+        span's first token, the other entries keep their order."""
+        before = self.cache_len
+        slots = ((self.cache_real_index >= start) & (self.cache_real_index < end)).nonzero().squeeze(1)
+        first, last = int(slots[0]), int(slots[-1])
+        assert slots.numel() == end - start == last - first + 1, "the span must sit whole and contiguous in the cache"
         visible = torch.zeros(2, before + 2, dtype=torch.bool)
         visible[0, before] = True                        # <CL>: itself only
-        visible[1, before - span:] = True                # <CR>: span, <CL>, itself
+        visible[1, slots] = True                         # <CR>: span, <CL>, itself
+        visible[1, before:] = True
         self._forward([self.config.cl_token_id, self.config.cr_token_id],
                       [max(start - 1, 0), end - 1], visible)
         self.sentinel_tokens += 2
-        self._keep(torch.cat([torch.arange(before - span), torch.tensor([before + 1])]))
+        index = torch.cat([torch.arange(first), torch.tensor([before + 1]), torch.arange(last + 1, before)])
+        self._keep(index)
+        self.cache_real_index = torch.cat([self.cache_real_index[:first], torch.tensor([-1]),
+                                           self.cache_real_index[last + 1:]])
 
     @torch.no_grad()
     def feed(self, token_id: int) -> torch.Tensor:
@@ -133,10 +157,13 @@ class IncrementalSentinelLM:
         # The cache holds exactly this token's visible set.
         everything = torch.ones(1, self.cache_len + 1, dtype=torch.bool)
         logits = self._forward([int(token_id)], [index], everything)[-1]
+        self.cache_real_index = torch.cat([self.cache_real_index, torch.tensor([index])])
         self.num_real += 1
-        start = self.spans.closing_span_start(index)
+        # The span ending at x_{index - W} leaves the window now: x_{index + 1} sees it through <CR>.
+        leaving = index - self.schedule.window
+        start = self.spans.closing_span_start(leaving) if leaving >= 0 else None
         if start is not None:
-            self._close_span(start, index + 1)
+            self._close_span(start, leaving + 1)
         return logits
 
     def prefill(self, real_ids) -> torch.Tensor:

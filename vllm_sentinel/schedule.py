@@ -87,7 +87,8 @@ class JitteredSpans:
     """The schedule's spans with each sink, span and gap length drawn within +-`jitter` of it.
 
     Training on exact schedule boundaries only would teach the model one alignment; serving always
-    uses the exact rule, which lies inside the jittered family.
+    uses the exact rule, which lies inside the jittered family. `draw` also jitters the recent
+    window W the same way (at least 0), once per call: one training sample has one window.
     """
 
     def __init__(self, schedule: ScheduleConfig, jitter: float = 0.25, seed: int = 0):
@@ -100,13 +101,20 @@ class JitteredSpans:
         spread = round(value * self.jitter)
         return _randint(max(minimum, value - spread), max(minimum, value + spread), generator)
 
-    def spans(self, num_tokens: int) -> torch.Tensor:
+    def draw(self, num_tokens: int) -> tuple[torch.Tensor, int]:
+        """The spans among `num_tokens` real tokens and the recent window, for one sample."""
         self._calls += 1
         g = _seeded(self.seed, f"jitter:{self._calls}")
         s = self.schedule
-        return _spans_from_lengths(num_tokens, self._around(s.sink, 0, g),
-                                   lambda: self._around(s.span, 2, g),
-                                   lambda: self._around(s.gap, 0, g))
+        spans = _spans_from_lengths(num_tokens, self._around(s.sink, 0, g),
+                                    lambda: self._around(s.span, 2, g),
+                                    lambda: self._around(s.gap, 0, g))
+        # Drawn after the spans (and only for W > 0), so W = 0 draws exactly the spans it always did.
+        window = self._around(s.window, 0, g) if s.window else 0
+        return spans, window
+
+    def spans(self, num_tokens: int) -> torch.Tensor:
+        return self.draw(num_tokens)[0]
 
 
 class RandomSpans:

@@ -100,15 +100,22 @@ class WindowSampler:
         self.scheduled = JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
         self.random = RandomSpans(min(cfg.schedule.net_ratio, 0.9), sink=cfg.schedule.sink, seed=cfg.seed)
 
-    def _spans(self, n: int) -> torch.Tensor:
+    def _spans(self, n: int) -> tuple[torch.Tensor, int]:
+        """One sample's spans and recent window: the schedule's, jittered (the paper's random spans
+        keep the schedule's window as it is)."""
         use_random = float(torch.rand((), generator=self.generator)) < self.cfg.random_span_fraction
-        return (self.random if use_random else self.scheduled).spans(n)
+        if use_random:
+            return self.random.spans(n), self.cfg.schedule.window
+        return self.scheduled.draw(n)
 
     def batch(self):
         n = self.cfg.seq_len
         starts = torch.randint(0, self.ids.numel() - n, (self.cfg.batch_size,), generator=self.generator)
-        examples = [build_example(self.ids[s: s + n], self.cfg.regime, self._spans(n), *self.sentinel_ids,
-                                  generator=self.generator) for s in starts.tolist()]
+        examples = []
+        for s in starts.tolist():
+            spans, window = self._spans(n)
+            examples.append(build_example(self.ids[s: s + n], self.cfg.regime, spans, *self.sentinel_ids,
+                                          generator=self.generator, window=window))
         return collate(examples, pad_id=0)
 
 
