@@ -29,11 +29,11 @@ def close(llm) -> None:
     gc.collect()
 
 
-def schedule_args(schedule: tuple[int, int, int] | None) -> dict | None:
+def schedule_args(schedule: tuple[int, ...] | None) -> dict | None:
     """`SamplingParams.extra_args` choosing a schedule (None: the engine's default)."""
     if schedule is None:
         return None
-    return {"sentinel": dict(zip(("sink", "span", "gap"), schedule))}
+    return {"sentinel": dict(zip(("sink", "span", "gap", "window"), schedule))}
 
 
 class Oracle:
@@ -51,7 +51,7 @@ class Oracle:
         The spans are those closed by the tokens the engine computed (all but the last).
         """
         spans = ScheduledSpans(schedule).spans(len(token_ids) - 1) if schedule else torch.zeros(0, 2, dtype=torch.long)
-        logits = dense_logits(self.model, token_ids, spans, self.config)
+        logits = dense_logits(self.model, token_ids, spans, self.config, window=schedule.window if schedule else 0)
         return torch.log_softmax(mask_sentinels(logits, self.config), dim=-1)
 
     def check(self, prompt: list[int], output, schedule: ScheduleConfig | None) -> float:

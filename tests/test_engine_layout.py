@@ -4,6 +4,8 @@ No vLLM here: a dict stands in for the paged cache (slot -> stream index of the 
 is stored there). Each chunk's plan must reproduce the stream, write only where the layout says,
 and see exactly what the dense mask lets each token see.
 """
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,114 @@ def test_the_vectorised_step_plan_equals_the_chunk_plans_it_batches():
         assert (plan.logits_rows - plan.query_start[:-1]).tolist() == [ch.last_real for ch in chunks]
         assert [layout.num_tokens_with_sentinels(c, k) for layout, c, k in zip(layouts, computed, num_real)] == \
             [ch.num_tokens for ch in chunks]
+
+
+# -- the recent window (W > 0): lazy compaction and moves ------------------------------------------
+# The reference here is the semantics page's rule itself, on token identities: ("R", t) for real
+# token t, ("CL", m) and ("CR", m) for span m's sentinels. A real token t sees the real tokens before
+# it except those of a span whose last token j has t - j > W, and the <CR> of exactly those spans.
+WINDOWED = [SimpleNamespace(sink=s, span=l, gap=g, window=w)
+            for s, l, g, w in [(4, 16, 0, 1), (4, 16, 0, 7), (2, 8, 3, 32), (0, 4, 0, 100), (1, 25, 5, 7),
+                               (3, 5, 1, 13), (0, 2, 0, 1), (4, 16, 0, 0)]]
+
+
+def spans_of(schedule, n: int) -> list[tuple[int, int]]:
+    out, start = [], schedule.sink
+    while start + schedule.span <= n:
+        out.append((start, start + schedule.span))
+        start += schedule.span + schedule.gap
+    return out
+
+
+def sees(schedule, token) -> set:
+    """What `token` may attend to (itself included), by the semantics page."""
+    kind, i = token
+    if kind == "CL":
+        return {token}
+    spans = spans_of(schedule, i + 1 if kind == "R" else 10 ** 4)
+    if kind == "CR":
+        a, e = spans[i]
+        return {("CL", i), token} | {("R", u) for u in range(a, e)}
+    seen = {("R", u) for u in range(i + 1)}
+    for m, (a, e) in enumerate(spans):
+        if e - 1 < i and i - (e - 1) > schedule.window:
+            seen -= {("R", u) for u in range(a, e)}
+            seen.add(("CR", m))
+    return seen
+
+
+def lazy_order(schedule, n: int) -> list:
+    """The engine's order: span m's <CL>, <CR> right after real token j_m + W."""
+    closing = {e - 1 + schedule.window: m for m, (_, e) in enumerate(spans_of(schedule, n + schedule.window))}
+    order = []
+    for t in range(n):
+        order.append(("R", t))
+        if t in closing:
+            order += [("CL", closing[t]), ("CR", closing[t])]
+    return order
+
+
+def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16):
+    layout = KVLayout(schedule)
+    expected = lazy_order(schedule, n)
+    cache: dict[int, tuple] = {}
+    produced, c = [], 0
+    for k in chunk_sizes:
+        k = min(k, n - c)
+        if k <= 0:
+            break
+        chunk = plan_chunk(layout, c, k)
+        cached = layout.physical_len(c)
+        assert chunk.cached_len == cached and sorted(cache) == list(range(cached))
+        ids = [("R", int(chunk.real_index[i])) if chunk.kinds[i] == REAL else
+               ("CL" if chunk.kinds[i] == CL else "CR", int(chunk.span_index[i])) for i in range(chunk.num_tokens)]
+        assert ids == expected[len(produced): len(produced) + len(ids)]
+        produced += ids
+        seen = chunk.visibility()
+        for i, token in enumerate(ids):
+            got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
+            got |= {ids[j] for j in np.flatnonzero(seen[i, cached:].numpy())}
+            assert got == sees(schedule, token), (schedule, c, k, token)
+        # The step reads everything first, then writes the chunk's tokens and the moves.
+        before = dict(cache)
+        for i in np.flatnonzero(chunk.slots >= 0):
+            cache[int(chunk.slots[i])] = ids[i]
+        for old, new in zip(chunk.move_from.tolist(), chunk.move_to.tolist()):
+            cache[new] = before[old]
+        after = layout.physical_len(c + k)
+        cache = {slot: token for slot, token in cache.items() if slot < after}
+        assert sorted(cache) == list(range(after))
+        assert set(cache.values()) == sees(schedule, ("R", c + k)) - {("R", c + k)}
+        assert cdiv(max(cached, after), block_size) <= layout.max_blocks(c + k, block_size)
+        assert layout.peak_physical_len(c + k) >= max(cached, after)
+        c += k
+    return produced
+
+
+@pytest.mark.parametrize("schedule", WINDOWED, ids=str)
+def test_windowed_token_by_token_decoding(schedule):
+    simulate_window(schedule, 140, [1] * 140)
+
+
+@pytest.mark.parametrize("schedule", WINDOWED, ids=str)
+def test_windowed_random_chunks(schedule):
+    rng = np.random.default_rng(2)
+    for n in (1, 5, 77, 241):
+        simulate_window(schedule, n, rng.integers(1, 90, size=n).tolist())
+    simulate_window(schedule, 240, [240])
+
+
+@pytest.mark.parametrize("schedule", WINDOWED, ids=str)
+def test_windowed_physical_len_peaks_and_the_step_plan(schedule):
+    layout = KVLayout(schedule)
+    lengths = [layout.physical_len(n) for n in range(400)]
+    assert [layout.peak_physical_len(n) for n in range(400)] == list(np.maximum.accumulate(lengths))
+    rng = np.random.default_rng(3)
+    layouts = [layout, KVLayout(None), KVLayout(ScheduleConfig(2, 8, 3))] * 3
+    computed = rng.integers(0, 300, size=len(layouts)).tolist()
+    num_real = rng.integers(1, 120, size=len(layouts)).tolist()
+    plan = StepPlan.build(layouts, computed, num_real)
+    chunks = [plan_chunk(lay, c, k) for lay, c, k in zip(layouts, computed, num_real)]
+    assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
+    assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
+    assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()

@@ -115,7 +115,7 @@ def test_the_text_of_a_sentinel_in_a_prompt_is_served_as_ordinary_characters(eng
 
 @pytest.mark.parametrize("extra, message", [
     ({"sentinel": {"span": 1}}, r"extra_args\['sentinel'\]\['span'\]=1 is out of range"),
-    ({"sentinel": {"window": 3}}, r"extra_args\['sentinel'\]\['window'\]=3 is not served by this release"),
+    ({"sentinel": {"window": 3.5}}, r"extra_args\['sentinel'\]\['window'\]=3.5 is not an integer"),
     ({"sentinel": {"enabled": "no"}}, "must be true or false"),
     ({"sentinel_span": 1}, "sentinel_span=1 is out of range"),
     ({"sentinel_span": 2 ** 63}, "sentinel_span=9223372036854775808 is out of range"),

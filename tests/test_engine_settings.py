@@ -29,6 +29,8 @@ def settings():
     ({"sentinel": {"enabled": True, "span": 4}}, ScheduleConfig(4, 4, 0)),
     ({"sentinel": {"enabled": False}}, None),
     ({"sentinel": {"window": 0}}, DEFAULT),
+    ({"sentinel": {"window": 64}}, ScheduleConfig(4, 16, 0, 64)),
+    ({"sentinel_window": 7, "sentinel_span": 8}, ScheduleConfig(4, 8, 0, 7)),
     ({"sentinel_span": 8, "sentinel_gap": 2}, ScheduleConfig(4, 8, 2)),
     ({"sentinel_span": MAX_MODEL_LEN, "sentinel_gap": MAX_MODEL_LEN}, ScheduleConfig(4, MAX_MODEL_LEN, MAX_MODEL_LEN)),
     ({"sentinel_enabled": 0}, None),          # JSON false, as vllm_xargs may hand it over
@@ -53,7 +55,7 @@ def test_each_request_chooses_its_schedule(settings, extra, expected):
     ({"sentinel_span": None}, r"sentinel_span=None is not an integer"),
     ({"sentinel_span": 1}, r"sentinel_span=1 is out of range; allowed: an integer from 2 to 1024"),
     ({"sentinel_window": 2 ** 63}, r"sentinel_window=9223372036854775808 is out of range"),
-    ({"sentinel_window": 64}, r"sentinel_window=64 is not served by this release"),
+    ({"sentinel_window": -1}, r"sentinel_window=-1 is out of range; allowed: an integer from 0 to 1024"),
     ({"sentinel_spam": 3}, r"unknown sentinel option\(s\) \['sentinel_spam'\]; allowed: sentinel_enabled"),
     ({"sentinel": {"spam": 3}}, r"unknown sentinel option\(s\) \[\"extra_args\['sentinel'\]\['spam'\]\"\]"),
     ({"sentinel": {"span": 2 ** 63}}, r"extra_args\['sentinel'\]\['span'\]=9223372036854775808 is out of range"),

@@ -4,8 +4,9 @@ Every request's chunk is either
 - *plain* (no span closes in it): the cache already holds exactly what its tokens may see, and its
   tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs unchanged,
   with physical sequence lengths and slots;
-- *masked* (a span closes): `<CL>`/`<CR>` are in the chunk and tokens after a `<CR>` must no
-  longer see its span. Its cached prefix is read out of the paged cache *before* this step writes
+- *masked* (a span is compacted): `<CL>`/`<CR>` are in the chunk and tokens after a `<CR>` must
+  no longer see its span. With a recent window (W > 0) the raw tokens cached after the span are
+  moved left into the slots it gave up, from the same pre-step read (layout.py). Its cached prefix is read out of the paged cache *before* this step writes
   anything (a `<CR>` goes into the slot its span began in, which the `<CR>` itself and the tokens
   before it still read). The chunk is cut after each `<CR>`; each piece gathers only the keys it
   may see (the compacted prefix and its own span), and pieces are attended in padded groups with
@@ -136,6 +137,8 @@ class SentinelAttentionMetadata:
     kernel: CPUAttentionMetadata     # the wrapped kernel's metadata for the whole batch
     cached_slots: torch.Tensor       # [C] cache slots of the masked requests' prefixes: the key bank's front
     masked: list[MaskedGroup]        # requests whose chunk closes a span; their kernel rows are overwritten
+    move_rows: torch.Tensor          # [V] key-bank rows of cached tokens a compaction shifts left (window > 0)
+    move_slots: torch.Tensor         # [V] the cache slots they move to
 
 
 class SentinelStepState:
@@ -154,10 +157,12 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         plan = self.step.plan if self.step is not None else None
         masked_rows = plan.masked_rows if plan is not None else []
         if not masked_rows:  # dummy runs, and every step in which no span closes
-            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, cm.slot_mapping[:0], [])
+            nothing = cm.slot_mapping[:0]
+            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, nothing, [],
+                                             nothing, nothing)
         assert cm.num_reqs == len(plan.layouts), "the step plan and the batch disagree"
         table = cm.block_table_tensor.long().cpu()
-        cached_slots, pieces = [], []
+        cached_slots, pieces, move_rows, move_slots = [], [], [], []
         num_cached = sum(int(plan.cached_len[row]) for row in masked_rows)
         offset = 0
         for row in masked_rows:
@@ -165,12 +170,19 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             physical = torch.arange(chunk.cached_len)
             cached_slots.append(table[row, physical // self.block_size] * self.block_size + physical % self.block_size)
             pieces += segments(chunk, int(plan.query_start[row]), offset, num_cached)
+            if chunk.move_from.size:
+                move_rows.append(offset + torch.from_numpy(chunk.move_from))
+                target = torch.from_numpy(chunk.move_to)
+                move_slots.append(table[row, target // self.block_size] * self.block_size + target % self.block_size)
             offset += chunk.cached_len
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces])
         device = cm.block_table_tensor.device
         masked = [pad_group([pieces[i] for i in group], device) for group in groups]
+        none = torch.zeros(0, dtype=torch.long)
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel,
-                                         torch.cat(cached_slots).to(device), masked)
+                                         torch.cat(cached_slots).to(device), masked,
+                                         torch.cat(move_rows or [none]).to(device),
+                                         torch.cat(move_slots or [none]).to(device))
 
 
 class PagedKVReader:
@@ -266,6 +278,9 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         if meta.masked:
             cached_k, cached_v = self._reader(layer, kv_cache).read(kv_cache, meta.cached_slots)
         self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, meta.slot_mapping[:n])
+        if meta.move_rows.numel():  # window > 0: the raw tokens after a compacted span close the gap it left
+            self.do_kv_cache_update(layer, cached_k[meta.move_rows].to(key.dtype),
+                                    cached_v[meta.move_rows].to(value.dtype), kv_cache, meta.move_slots)
         # The kernel takes the whole batch; the rows of masked requests (given sequence lengths
         # that only cover their own chunk) are recomputed below.
         super().forward(layer, query, key, value, kv_cache, meta.kernel, output)

@@ -1,16 +1,24 @@
-"""Where each token's KV lives once closed spans are compacted: a pure function of the token index.
+"""Where each token's KV lives once closed spans are compacted: a pure function of the token count.
 
-For schedule (sink S, span L, gap G), period P = L + G, span m covers real tokens
-[S + m*P, S + m*P + L) and closes when its last token t_m = S + m*P + L - 1 is computed.
-The physical cache of a request keeps, in stream order and without holes:
+For schedule (sink S, span L, gap G, window W), period P = L + G, span m covers real tokens
+[S + m*P, S + m*P + L); its last token is j_m = S + m*P + L - 1. The span is seen raw while the
+query is at most W tokens past j_m, so the engine *compacts* it (computes its `<CL>`, `<CR>` and
+drops its raw KV) right after real token c_m = j_m + W, before the first token that must see the
+`<CR>` instead. That is exact because `<CR>` depends only on its `<CL>` and its span (semantics
+page, "Recent window"); W = 0 is the paper's rule, compacted as the span closes.
 
-    sink tokens | <CR>_0, gap_0 | <CR>_1, gap_1 | ... | tokens of the open span
+After n real tokens, k(n) = #{m : c_m < n} spans are compacted and the physical cache of a
+request holds, in order and without holes:
+
+    sink tokens | <CR>_0, gap_0 | ... | <CR>_{k-1}, gap_{k-1} | raw tokens from span k on
 
 `<CR>_m` takes the slot where span m began, base(m) = S + m*(G + 1); `<CL>` is never stored.
-So the physical length after n real tokens, p(n), and the slot of every live token depend on
-n and the schedule alone. That is what lets the scheduler (which frees blocks) and the worker
-(which writes slots) agree without exchanging a message, and what makes a recomputed request
-(preemption) land in exactly the same layout.
+Each compaction removes L - 1 slots, so p(n) = n - (L - 1) * k(n), and a live token t sits at
+t - (L - 1) * min(k(n), spans that end at or before t). With W > 0 a compaction moves the raw
+tokens after the span (at most W + L of them) left by L - 1 slots; with W = 0 nothing ever moves.
+Everything depends on n and the schedule alone: that is what lets the scheduler (which frees
+blocks) and the worker (which writes and moves slots) agree without exchanging a message, and
+what makes a recomputed request (preemption) land in exactly the same layout.
 
 `KVLayout(None)` is the identity layout of a request with compression off.
 """
@@ -29,9 +37,10 @@ class KVLayout:
     def __init__(self, schedule: ScheduleConfig | None):
         self.schedule = schedule
         if schedule is None:
-            self.sink, self.span, self.gap = 0, 0, 0
+            self.sink, self.span, self.gap, self.window = 0, 0, 0, 0
         else:
             self.sink, self.span, self.gap = schedule.sink, schedule.span, schedule.gap
+            self.window = getattr(schedule, "window", 0)
         self.period = self.span + self.gap
 
     @property
@@ -43,26 +52,39 @@ class KVLayout:
 
     # -- spans --------------------------------------------------------------------------------
     def num_closed(self, n):
-        """Spans closed once `n` real tokens are computed (scalar or array)."""
+        """k(n): spans compacted once `n` real tokens are computed (scalar or array)."""
+        first = self.sink + self.span + self.window  # n at which span 0 is compacted
         if isinstance(n, np.ndarray):
             if not self.compresses:
                 return np.zeros_like(n)
-            done = n - self.sink - self.span
+            done = n - first
             return np.where(done >= 0, done // self.period + 1, 0)
-        if not self.compresses or n < self.sink + self.span:
+        if not self.compresses or n < first:
             return 0
-        return (n - self.sink - self.span) // self.period + 1
+        return (n - first) // self.period + 1
+
+    def num_ended(self, t):
+        """Spans whose last token lies before real token t (scalar or array)."""
+        if not self.compresses:
+            return np.zeros_like(t) if isinstance(t, np.ndarray) else 0
+        done = np.asarray(t) - self.sink - self.span
+        ended = np.where(done >= 0, done // self.period + 1, 0)
+        return ended if isinstance(t, np.ndarray) else int(ended)
 
     def num_tokens_with_sentinels(self, computed: int, num_real: int) -> int:
-        """Tokens a chunk of `num_real` real tokens after `computed` becomes: two per closing span."""
+        """Tokens a chunk of `num_real` real tokens after `computed` becomes: two per compaction."""
         return num_real + 2 * (self.num_closed(computed + num_real) - self.num_closed(computed))
 
     def span_start(self, m):
         return self.sink + m * self.period
 
     def span_last(self, m):
-        """The real token whose computation closes span m."""
+        """j_m: the last real token of span m."""
         return self.sink + m * self.period + self.span - 1
+
+    def close_token(self, m):
+        """c_m = j_m + W: the real token right after which span m is compacted."""
+        return self.span_last(m) + self.window
 
     def base(self, m):
         """The physical slot of span m's `<CR>` (where the span began)."""
@@ -78,42 +100,63 @@ class KVLayout:
         return np.where(inside, offset // self.period, -1)
 
     # -- physical positions -------------------------------------------------------------------
-    def slot_of(self, t: np.ndarray) -> np.ndarray:
-        """Physical slot of real token t while it is live (before its span closes, if in one)."""
+    def slot_of(self, t: np.ndarray, n: int) -> np.ndarray:
+        """Physical slot of real token t after `n` tokens, while it is live (not in a compacted span)."""
         t = np.asarray(t, dtype=np.int64)
         if not self.compresses:
             return t
-        offset = t - self.sink
-        m, r = offset // self.period, offset % self.period
-        in_span_or_gap = np.where(r < self.span, self.base(m) + r, self.base(m) + 1 + (r - self.span))
-        return np.where(offset < 0, t, in_span_or_gap)
+        return t - (self.span - 1) * np.minimum(self.num_closed(n), self.num_ended(t))
 
     def physical_len(self, n: int) -> int:
         """p(n): KV slots a request holds after `n` real tokens (= the next token's visible set)."""
-        if not self.compresses or n <= self.sink:
+        if not self.compresses:
             return n
-        m, r = divmod(n - self.sink, self.period)
-        if r < self.span:
-            return self.base(m) + r
-        return self.base(m) + 1 + (r - self.span)
+        return n - (self.span - 1) * self.num_closed(n)
 
     def peak_physical_len(self, n: int) -> int:
-        """max p(n') over n' <= n: the most slots the request ever held on the way to n."""
-        closed = self.num_closed(n)
-        before_last_close = self.base(closed - 1) + self.span - 1 if closed else 0
-        return max(self.physical_len(n), before_last_close)
+        """max p(n') over n' <= n: the most slots the request ever held on the way to n.
 
-    def open_span(self, n: int) -> tuple[int, int] | None:
-        """(span index, tokens of it already computed) of the span open after n tokens, if any."""
-        if not self.compresses or n <= self.sink:
-            return None
-        m, r = divmod(n - self.sink, self.period)
-        return (m, r) if 0 < r < self.span else None
+        p grows by one per token and drops by L - 1 at each compaction; its peaks, reached right
+        before each compaction, grow with m, so the last one is the largest."""
+        closed = self.num_closed(n)
+        before_last = self.close_token(closed - 1) - (self.span - 1) * (closed - 1) if closed else 0
+        return max(self.physical_len(n), before_last)
+
+    def raw_start(self, n: int) -> int:
+        """First real token of the raw (not yet compacted) region after n tokens."""
+        if not self.compresses:
+            return 0
+        closed = self.num_closed(n)
+        return self.span_start(closed) if closed else 0
+
+    def cached_spans(self, n: int) -> np.ndarray:
+        """`[p(n)]` span index of the token in each cached slot (-1: sink, gap or `<CR>`)."""
+        slots = np.arange(self.physical_len(n))
+        if not self.compresses:
+            return np.full(slots.shape, -1, dtype=np.int64)
+        first_raw = self.slot_of(self.raw_start(n), n) if self.num_closed(n) else 0
+        tokens = slots + (self.span - 1) * self.num_closed(n)
+        spans = self.span_of(tokens)
+        return np.where(slots >= first_raw, spans, -1)
+
+    def moves(self, computed: int, num_real: int) -> tuple[np.ndarray, np.ndarray]:
+        """(from, to) slots of cached tokens that a chunk's compactions shift left (empty when W = 0)."""
+        end = computed + num_real
+        empty = np.zeros(0, dtype=np.int64)
+        if not self.compresses or self.window == 0 or self.num_closed(end) == self.num_closed(computed):
+            return empty, empty
+        t = np.arange(self.raw_start(computed), computed, dtype=np.int64)
+        span = self.span_of(t)
+        live = (span < 0) | (span >= self.num_closed(end))
+        t = t[live]
+        old, new = self.slot_of(t, computed), self.slot_of(t, end)
+        moved = old != new
+        return old[moved], new[moved]
 
     def max_blocks(self, n: int, block_size: int) -> int:
-        """The per-request block bound promised to users (issue: engine), for n real tokens."""
+        """The per-request block bound promised to users, for n real tokens."""
         if not self.compresses:
             return cdiv(n, block_size)
-        s = self.schedule
-        steady = s.sink + cdiv(max(n - s.sink, 0), s.span + s.gap) * (s.gap + 1) + s.span + 2
+        s, w = self.schedule, self.window
+        steady = s.sink + cdiv(max(n - s.sink - w, 0), s.span + s.gap) * (s.gap + 1) + w + s.span + 2
         return cdiv(steady, block_size) + 1

@@ -35,6 +35,8 @@ class ChunkPlan:
     span_index: np.ndarray   # [q] span of the token (its <CL>/<CR> too), -1 outside spans
     close_at: np.ndarray     # [q] chunk index of the <CR> closing the token's span, NEVER if none
     slots: np.ndarray        # [q] physical slot the token's KV is written to, -1 if never stored
+    move_from: np.ndarray    # [v] cached slots whose tokens this chunk's compactions shift left (W > 0)
+    move_to: np.ndarray      # [v] their slots after the chunk
 
     @property
     def num_tokens(self) -> int:
@@ -62,15 +64,12 @@ class ChunkPlan:
         """
         cached = self.cached_len
         kinds = np.concatenate([np.full(cached, REAL), self.kinds])
-        spans = np.concatenate([np.full(cached, -1), self.span_index])
+        spans = np.concatenate([self.layout.cached_spans(self.computed), self.span_index])
         close = np.concatenate([np.full(cached, NEVER), np.where(self.close_at < NEVER, self.close_at + cached, NEVER)])
-        open_span = self.layout.open_span(self.computed)
-        if open_span is not None:
-            m, num_cached = open_span
-            spans[cached - num_cached: cached] = m
-            crs = np.flatnonzero((self.kinds == CR) & (self.span_index == m))
-            if crs.size:
-                close[cached - num_cached: cached] = cached + crs[0]
+        # Cached raw tokens of a span compacted in this chunk stop being visible after its <CR>.
+        crs = np.flatnonzero(self.kinds == CR)
+        for cr in crs:
+            close[:cached][spans[:cached] == self.span_index[cr]] = cached + cr
         return attention_mask(torch.from_numpy(kinds), torch.from_numpy(spans), torch.from_numpy(close),
                               first_query=cached)
 
@@ -80,12 +79,14 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
     t = np.arange(c, c + k, dtype=np.int64)
     span = layout.span_of(t)
     in_span = span >= 0
-    last = np.where(in_span, layout.span_last(np.maximum(span, 0)), -1)
-    closes_here = in_span & (last <= c + k - 1)
-    closing = in_span & (t == last)
-    num_closings = int(closing.sum())
+    compacted = layout.num_closed(c + k)
+    closes_here = in_span & (span < compacted)        # compacted by the end of the chunk: never stored
+    closing = np.zeros(k, dtype=bool)                 # tokens right after which a span is compacted
+    closed_spans = np.arange(layout.num_closed(c), compacted, dtype=np.int64)
+    closing[layout.close_token(closed_spans) - c] = True
+    num_closings = closed_spans.size
 
-    # Each real token moves right by two (<CL>, <CR>) for every span closed earlier in the chunk.
+    # Each real token moves right by two (<CL>, <CR>) for every compaction earlier in the chunk.
     real_at = (t - c) + 2 * (np.cumsum(closing) - closing)
     q = k + 2 * num_closings
     kinds = np.full(q, REAL, dtype=np.int64)
@@ -98,13 +99,12 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
     positions[real_at] = t
     real_index[real_at] = t
     span_index[real_at] = span
-    slots[real_at] = np.where(closes_here, -1, layout.slot_of(t))
+    slots[real_at] = np.where(closes_here, -1, layout.slot_of(t, c + k))
 
-    closed_spans = span[closing]
     cl_at, cr_at = real_at[closing] + 1, real_at[closing] + 2
     kinds[cl_at], kinds[cr_at] = CL, CR
     positions[cl_at] = np.maximum(layout.span_start(closed_spans) - 1, 0)
-    positions[cr_at] = t[closing]
+    positions[cr_at] = layout.span_last(closed_spans)
     span_index[cl_at] = span_index[cr_at] = closed_spans
     close_at[cl_at] = close_at[cr_at] = cr_at
     slots[cr_at] = layout.base(closed_spans)
@@ -112,8 +112,9 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
         which = np.searchsorted(closed_spans, span[closes_here])
         close_at[real_at[closes_here]] = cr_at[which]
 
+    move_from, move_to = layout.moves(c, k)
     return ChunkPlan(layout, c, k, layout.physical_len(c), kinds, positions, real_index, span_index,
-                     close_at, slots)
+                     close_at, slots, move_from, move_to)
 
 
 @dataclass
@@ -145,8 +146,8 @@ class StepPlan:
         if (k < 1).any():
             raise ValueError("every planned request needs at least one scheduled token")
         on = np.array([layout.compresses for layout in layouts], dtype=bool)
-        sink, span, gap = (np.array([getattr(layout, name) for layout in layouts], dtype=np.int64)
-                           for name in ("sink", "span", "gap"))
+        sink, span, gap, window = (np.array([getattr(layout, name) for layout in layouts], dtype=np.int64)
+                                   for name in ("sink", "span", "gap", "window"))
         period = np.where(on, span + gap, 1)
 
         # One entry per scheduled real token, with its request's schedule alongside.
@@ -154,29 +155,41 @@ class StepPlan:
         req = np.repeat(np.arange(len(layouts)), k)
         first = np.cumsum(k) - k
         t = np.arange(num_total) - first[req] + c[req]
-        S, L, G, P = sink[req], span[req], gap[req], period[req]
+        S, L, G, P, W = sink[req], span[req], gap[req], period[req], window[req]
+        end = (c + k)[req]
+
+        def compacted(n):  # KVLayout.num_closed, vectorised over requests
+            done = n - S - L - W
+            return np.where(on[req] & (done >= 0), done // P + 1, 0)
+
+        def ended(x):  # KVLayout.num_ended
+            done = x - S - L
+            return np.where(on[req] & (done >= 0), done // P + 1, 0)
+
         offset = t - S
-        m, r = offset // P, offset % P
-        in_span = on[req] & (offset >= 0) & (r < L)
-        last = S + m * P + L - 1
-        closes_here = in_span & (last < (c + k)[req])
-        closing = in_span & (t == last)
+        m = offset // P
+        in_span = on[req] & (offset >= 0) & (offset % P < L)
+        closes_here = in_span & (m < compacted(end))
+        # Token t is some span's close token c_m = S + m*P + L - 1 + W.
+        since_first = t - S - L + 1 - W
+        closing = on[req] & (since_first >= 0) & (since_first % P == 0)
+        closing_span = since_first // P
 
         real_at = np.arange(num_total) + 2 * (np.cumsum(closing) - closing)
         n = num_total + 2 * int(closing.sum())
         kinds = np.full(n, REAL, dtype=np.int64)
         positions = np.empty(n, dtype=np.int64)
         slots = np.full(n, -1, dtype=np.int64)
-        base = S + m * (G + 1)
-        live_slot = np.where(~on[req] | (offset < 0), t, np.where(r < L, base + r, base + 1 + (r - L)))
+        live_slot = t - (L - 1) * np.minimum(compacted(end), ended(t))
         positions[real_at] = t
         slots[real_at] = np.where(closes_here, -1, live_slot)
         cl_at = real_at[closing] + 1
         cr_at = cl_at + 1
+        mc = closing_span[closing]
         kinds[cl_at], kinds[cr_at] = CL, CR
-        positions[cl_at] = np.maximum(S[closing] + m[closing] * P[closing] - 1, 0)
-        positions[cr_at] = t[closing]
-        slots[cr_at] = base[closing]
+        positions[cl_at] = np.maximum(S[closing] + mc * P[closing] - 1, 0)
+        positions[cr_at] = S[closing] + mc * P[closing] + L[closing] - 1
+        slots[cr_at] = S[closing] + mc * (G[closing] + 1)
 
         query_start = np.append(real_at[first], n)
         return cls(layouts, c, k, np.bincount(req[closing], minlength=len(layouts)),

@@ -32,9 +32,9 @@ from .layout import KVLayout
 KEY = "sentinel"                    # the user's options, in additional_config and SamplingParams.extra_args
 RESOLVED_KEY = "sentinel_resolved"  # what the front end resolved, in additional_config
 FLAT_PREFIX = "sentinel_"           # extra_args keys over HTTP: sentinel_enabled, sentinel_span, ...
-SCHEDULE_FIELDS = ("sink", "span", "gap")
-REQUEST_FIELDS = ("enabled", *SCHEDULE_FIELDS, "window")
-SERVER_FIELDS = (*SCHEDULE_FIELDS, "window", "min_span", "allow_request_overrides")
+SCHEDULE_FIELDS = ("sink", "span", "gap", "window")
+REQUEST_FIELDS = ("enabled", *SCHEDULE_FIELDS)
+SERVER_FIELDS = (*SCHEDULE_FIELDS, "min_span", "allow_request_overrides")
 MIN_SPAN = 2  # a span of one token would be replaced by its <CR> and save nothing
 
 
@@ -90,15 +90,10 @@ class EngineSettings:
         """`base` with the schedule fields of `data` applied, each checked; `name(field)` spells its key."""
         ranges = self._ranges(min_span)
         fields = {}
-        for field in (*SCHEDULE_FIELDS, "window"):
+        for field in SCHEDULE_FIELDS:
             if field in data:
                 low, high, bounds = ranges[field]
                 fields[field] = _integer(data[field], name(field), low, high, bounds)
-        if fields.get("window", 0):
-            raise SentinelOptionError(
-                f"{name('window')}={fields['window']} is not served by this release: the sentinel engine "
-                "implements the paper's rule only (window 0); drop the option or set it to 0")
-        fields.pop("window", None)
         schedule = ScheduleConfig(**{f: fields.get(f, getattr(base, f)) for f in SCHEDULE_FIELDS})
         if schedule.span < min_span:
             raise SentinelOptionError(
