@@ -1,9 +1,10 @@
-"""Which base-model size gives the best held-out perplexity for a fixed CPU time budget?
+"""Which base-model size gives the best held-out perplexity for a fixed number of training steps?
 
-    python examples/sweep_tiny_base.py --budget 480
+    python examples/sweep_tiny_base.py --steps 800
 
 Trains each candidate from scratch, one after another, on the python3.11-doc corpus with the
-same wall-clock budget, and prints a markdown table. `make-tiny` uses the winner.
+same number of steps (seeded: the same table on a busy or a quiet machine), and prints a markdown
+table. `make-tiny` uses the winner.
 """
 import argparse
 
@@ -19,7 +20,7 @@ CANDIDATES = [  # (hidden, layers, intermediate); head_dim 64 throughout
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds of pretraining per size")
+    parser.add_argument("--steps", type=int, default=800, help="pretraining steps per size")
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     args = parser.parse_args()
     train_docs, _ = split_documents(load_documents(args.corpus))
@@ -28,11 +29,11 @@ def main() -> None:
     rows = []
     for hidden, layers, intermediate in CANDIDATES:
         cfg = BaseModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
-                              num_kv_heads=hidden // 64, intermediate_size=intermediate, time_budget_s=args.budget)
+                              num_kv_heads=hidden // 64, intermediate_size=intermediate, steps=args.steps)
         _, stats = pretrain_base(cfg, train_ids, heldout_ids)
         rows.append((hidden, layers, intermediate, stats))
         print(f"hidden={hidden} layers={layers}: held-out perplexity {stats['heldout_perplexity']:.2f}", flush=True)
-    print(f"\n| hidden | layers | ffn | params (M) | steps | tokens seen | tok/s | held-out ppl |  (budget {args.budget:.0f} s)")
+    print(f"\n| hidden | layers | ffn | params (M) | steps | tokens seen | tok/s | held-out ppl |  ({args.steps} steps each)")
     print("|---|---|---|---|---|---|---|---|")
     for hidden, layers, intermediate, s in rows:
         print(f"| {hidden} | {layers} | {intermediate} | {s['parameters'] / 1e6:.2f} | {s['steps']} | "

@@ -57,7 +57,7 @@ def test_short_pretraining_learns_and_reloads(tokenizer, docs, tmp_path):
     ids = tokenizer("\n".join(d.text for d in docs[:60]), add_special_tokens=False)["input_ids"]
     train_ids, heldout_ids = ids[:-4000], ids[-4000:]
     cfg = BaseModelConfig(hidden_size=128, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=256,
-                          seq_len=64, batch_size=8, max_steps=150, time_budget_s=3600.0)  # steps bind, not time
+                          seq_len=64, batch_size=8, steps=150)
     untrained = heldout_perplexity(AutoModelForCausalLM.from_config(cfg.llama_config()), heldout_ids, 64)
     model, stats = pretrain_base(cfg, train_ids, heldout_ids)
     assert stats["heldout_perplexity"] < 0.5 * untrained
@@ -71,7 +71,7 @@ def micro_tiny() -> TinyConfig:
     return TinyConfig(
         max_documents=80, eval_tokens=4096,
         base=BaseModelConfig(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=256,
-                             seq_len=128, batch_size=8, max_steps=80, time_budget_s=3600.0),
+                             seq_len=128, batch_size=8, steps=80),
         recipe=TrainConfig(seq_len=128, batch_size=8, steps=60, lr=3e-3, eval_every=1000, checkpoint_every=1000))
 
 

@@ -6,6 +6,11 @@ import json
 import sys
 
 from .config import ScheduleConfig, SentinelConfig, SentinelConfigError
+from .logs import route_vllm_logs
+
+# The commands that run vLLM engines in this process tree. bench-serve and soak are not among them:
+# the servers they start write their whole log to a file of their own already.
+VLLM_COMMANDS = {"batch", "bench", "quality"}
 
 
 def _add_schedule_args(parser: argparse.ArgumentParser, defaults: ScheduleConfig | None) -> None:
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .corpus import DEFAULT_CORPUS
 
     parser = argparse.ArgumentParser(prog="vllm-sentinel", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's own log on the terminal (by default it goes to runs/logs/COMMAND.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="turn a Hugging Face causal LM into a sentinel model")
@@ -284,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in VLLM_COMMANDS:
+        log_file = route_vllm_logs(f"runs/logs/{args.command}.log", verbose=args.verbose)
+        if log_file is not None:
+            print(f"(vLLM's log: {log_file}; --verbose shows it here)", file=sys.stderr)
     try:
         args.func(args)
     except (SentinelConfigError, FileNotFoundError, ValueError) as err:

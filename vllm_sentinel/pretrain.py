@@ -1,4 +1,4 @@
-"""A tokenizer and a small Llama base model from scratch, within a wall-clock budget.
+"""A tokenizer and a small Llama base model from scratch, for a fixed number of steps.
 
 No model hub is reachable here, so the default model is grown locally. nanoGPT-style: a config
 dataclass and short functions.
@@ -16,7 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .batching import Batch, batch_loss
 from .masks import IGNORE_INDEX, additive_mask
-from .training import steps_in_budget
 
 BASE_VOCAB = 4096  # the sentinels are appended after it: <CL> = 4096, <CR> = 4097
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -44,8 +43,7 @@ class BaseModelConfig:
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 30
-    time_budget_s: float = 480.0
-    max_steps: int = 100_000
+    steps: int = 800  # a step count, not seconds: the same model on a busy or a quiet machine
     seed: int = 0
 
     def llama_config(self) -> LlamaConfig:
@@ -77,20 +75,20 @@ def heldout_perplexity(model, heldout_ids: list[int], seq_len: int, max_tokens: 
 
 
 def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[int]):
-    """Train from scratch until the time budget; the cosine schedule is fitted to the budget."""
+    """Train from scratch for `cfg.steps` steps (seeded: the same model on any machine, only the time differs)."""
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(cfg.llama_config())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = torch.as_tensor(train_ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(cfg.seed)
-    total_steps, step, started = cfg.max_steps, 0, time.time()
+    total_steps, step, started = cfg.steps, 0, time.time()
     bar = tqdm(total=total_steps, desc="pretrain base")
     while step < total_steps:
         if step < cfg.warmup:
             lr = cfg.lr * (step + 1) / cfg.warmup
         else:
-            lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / (total_steps - cfg.warmup)))))
+            lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(total_steps - cfg.warmup, 1)))))
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, data.numel() - cfg.seq_len, (cfg.batch_size,), generator=generator)
@@ -100,9 +98,6 @@ def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % 10 == 0:
-            total_steps = steps_in_budget(cfg.time_budget_s, time.time() - started, step, cfg.max_steps)
-            bar.total = total_steps
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()

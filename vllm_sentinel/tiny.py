@@ -30,7 +30,7 @@ class TinyConfig:
     corpus: str = str(DEFAULT_CORPUS)
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     recipe: TrainConfig = field(default_factory=lambda: TrainConfig(
-        schedule=ScheduleConfig(sink=4, span=16, gap=0), steps=100_000, time_budget_s=240.0,
+        schedule=ScheduleConfig(sink=4, span=16, gap=0), steps=300,
         lr=2e-3, eval_every=1_000_000, checkpoint_every=50))
     max_documents: int | None = None  # a slice of the corpus, for quick runs and tests
     eval_tokens: int = 32_768
