@@ -4,7 +4,9 @@ Training and evaluation share this, so the model is always scored exactly as it 
 - `sentinel`: `<CL>`/`<CR>` inserted around the spans, the sentinel mask (the method);
 - `full`: plain causal attention (the uncompressed reference);
 - `local` / `scattered`: the paper's baselines, no sentinels, each query keeping exactly the
-  number of keys sentinel compression would keep with the same spans.
+  number of keys sentinel compression would keep with the same spans;
+- `sink`: StreamingLLM's sink + sliding window at the same per-query budget (the sink is where
+  the first span starts).
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import IGNORE_INDEX, additive_mask, build_stream, local_attention_mask, scattered_attention_mask
+from .masks import (IGNORE_INDEX, additive_mask, build_stream, local_attention_mask, scattered_attention_mask,
+                    sink_window_attention_mask)
 
-REGIMES = ("sentinel", "full", "local", "scattered")
+REGIMES = ("sentinel", "full", "local", "scattered", "sink")
 
 
 @dataclass
@@ -52,6 +55,8 @@ def build_example(real_ids: torch.Tensor, regime: str, spans: torch.Tensor, cl_i
         mask = local_attention_mask(n, spans, window)
     elif regime == "scattered":
         mask = scattered_attention_mask(n, spans, generator, window)
+    elif regime == "sink":
+        mask = sink_window_attention_mask(n, spans, window)
     else:
         raise ValueError(f"unknown attention regime {regime!r}; choose one of {REGIMES}")
     return Example(real_ids, torch.arange(n), labels, mask)

@@ -190,3 +190,17 @@ def scattered_attention_mask(num_tokens: int, spans, generator: torch.Generator 
         query = torch.arange(num_tokens).unsqueeze(1)
         visible[:, keep] |= query >= closed_at.unsqueeze(0)
     return visible
+
+
+def sink_window_attention_mask(num_tokens: int, spans, window: int = 0, sink: int | None = None) -> torch.Tensor:
+    """`[n, n]` bool, StreamingLLM's rule at the sentinel KV budget: each token sees the first `sink`
+    tokens (default: where the first span starts, the sentinel schedule's sink) and the most recent
+    `budget - sink` (itself included), `budget` being its key count under sentinel compression."""
+    spans = as_spans(spans)
+    if sink is None:
+        sink = int(spans[0, 0]) if spans.numel() else 0
+    budget = sentinel_kv_budget(num_tokens, spans, window).unsqueeze(1)
+    query = torch.arange(num_tokens).unsqueeze(1)
+    key = torch.arange(num_tokens).unsqueeze(0)
+    kept_sink = torch.clamp(budget, max=sink)  # never more sink keys than the budget itself
+    return (key <= query) & ((key < kept_sink) | (key > query - (budget - kept_sink)))
