@@ -34,14 +34,10 @@ def apply(settings_of) -> None:
         settings = settings_of(self.vllm_config)
         # Ours first: vLLM's own vocabulary check would call a sentinel id merely out of vocabulary.
         if settings is not None and decoder_input.get("type") != "embeds":
-            sentinels = set(settings.sentinel_ids)
-            for index, token_id in enumerate(decoder_input["prompt_token_ids"]):
-                if token_id in sentinels:
-                    name = "<CL>" if token_id == settings.cl_token_id else "<CR>"
-                    raise VLLMValidationError(
-                        f"the prompt holds the sentinel token {name} (id {token_id}) at position {index}; "
-                        "sentinels are inserted by the engine and may not appear in prompt_token_ids. Remove "
-                        f"it (as text, the string {name} is served as ordinary characters)", parameter="prompt")
+            try:
+                settings.check_prompt(decoder_input["prompt_token_ids"])
+            except ValueError as err:
+                raise VLLMValidationError(str(err), parameter="prompt") from None
         original_inputs(self, encoder_input, decoder_input)
 
     def _validate_params(self, params, supported_tasks):

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,6 +29,21 @@ def random_llama() -> LlamaForCausalLM:
 
 
 # -- engine tests ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def in_process_engines():
+    """EngineCore in the test process, so tests can step the engine and read its scheduler and pool.
+
+    (vLLM caches its environment once an in-process engine starts, so later modules may stay in
+    process too; the engines behave the same either way.)"""
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    yield
+    if previous is None:
+        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
 # A random Llama with the sentinel tokens, head size 64 (what vLLM's CPU attention takes) and sharp
 # output distributions, so greedy tokens compared across implementations have clear winners.
 ENGINE_MODEL_SCHEDULE = (4, 16, 0)

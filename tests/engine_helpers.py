@@ -29,6 +29,11 @@ def close(llm) -> None:
     gc.collect()
 
 
+def scheduler_of(llm):
+    """The scheduler of an engine whose EngineCore runs in this process (`in_process_engines`)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
 def schedule_args(schedule: tuple[int, ...] | None) -> dict | None:
     """`SamplingParams.extra_args` choosing a schedule (None: the engine's default)."""
     if schedule is None:

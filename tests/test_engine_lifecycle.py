@@ -9,7 +9,6 @@ the worker's block table equals the scheduler's block lists (see `Tap`). fp32 un
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import numpy as np
@@ -121,17 +120,6 @@ class Tap:
             return result
 
         runner.execute_model = execute_model
-
-
-@pytest.fixture(scope="module")
-def in_process_engines():
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    yield
-    if previous is None:
-        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
 
 ENGINES = []  # made so far, for `no_leftovers`

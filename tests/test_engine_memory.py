@@ -3,13 +3,12 @@
 EngineCore runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the tests step the engine
 and read the scheduler's block pool and each request's block list directly.
 """
-import os
 
 import pytest
 from vllm import SamplingParams
 
 from conftest import ENGINE_MODEL_SCHEDULE
-from engine_helpers import LOGPROB_TOLERANCE, close, make_llm
+from engine_helpers import LOGPROB_TOLERANCE, close, make_llm, scheduler_of
 from vllm_sentinel.config import ScheduleConfig
 from vllm_sentinel.engine.layout import KVLayout
 
@@ -18,17 +17,6 @@ POOL_BLOCKS = 64           # 2048 KV slots
 NUM_REQUESTS, PROMPT, GENERATE = 16, 64, 500
 # Uncompressed, the batch needs 16 * cdiv(564, 32) = 288 blocks: 4.5x the pool.
 POOL = dict(block_size=BLOCK_SIZE, max_model_len=600, max_num_batched_tokens=512, disable_log_stats=False)
-
-
-@pytest.fixture(scope="module")
-def in_process_engines():
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    yield
-    if previous is None:
-        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +32,6 @@ def engines(in_process_engines, sentinel_model_dir):
     yield made
     for llm in made.values():
         close(llm)
-
-
-def scheduler_of(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
 
 
 def run(llm, prompts, params, on_step=None):

@@ -4,13 +4,12 @@ The oracle is the dense masked forward with the windowed mask (semantics page, "
 Schedules cover W in {0, 1, 7, 32, 100}: smaller and larger than the span, and multiples of
 nothing. Engines share the module; EngineCore runs in this process so that the pool is read directly.
 """
-import os
 import random
 
 import pytest
 from vllm import SamplingParams
 
-from engine_helpers import LOGPROB_TOLERANCE, Oracle, close, make_llm, schedule_args
+from engine_helpers import LOGPROB_TOLERANCE, Oracle, close, make_llm, schedule_args, scheduler_of
 from vllm_sentinel.config import ScheduleConfig
 from vllm_sentinel.engine.layout import KVLayout
 
@@ -26,9 +25,7 @@ def oracle(sentinel_model_dir):
 
 
 @pytest.fixture(scope="module")
-def engines(sentinel_model_dir):
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+def engines(in_process_engines, sentinel_model_dir):
     common = dict(block_size=BLOCK_SIZE, max_num_seqs=16, disable_log_stats=False)
     made = {"chunked": make_llm(sentinel_model_dir, max_num_batched_tokens=64, **common),
             "whole": make_llm(sentinel_model_dir, max_num_batched_tokens=2048, **common),
@@ -37,10 +34,6 @@ def engines(sentinel_model_dir):
     yield made
     for llm in made.values():
         close(llm)
-    if previous is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
 
 def prompts(count: int, seed: int, longest: int = 500) -> list[list[int]]:
@@ -78,10 +71,6 @@ def test_the_wrong_window_would_show(engines, oracle):
     [out] = engines["whole"].generate([{"prompt_token_ids": prompt}], params((4, 16, 0, 7)), use_tqdm=False)
     with pytest.raises(AssertionError):
         assert oracle.check(prompt, out, ScheduleConfig(4, 16, 0, 0)) < LOGPROB_TOLERANCE
-
-
-def scheduler_of(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
 
 
 def test_windowed_blocks_stay_within_the_bound_and_preemption_changes_nothing(engines):

@@ -197,6 +197,16 @@ class EngineSettings:
         extra_args = getattr(sampling_params, "extra_args", None) if sampling_params is not None else None
         return KVLayout(self.request_schedule(extra_args))
 
+    def check_prompt(self, prompt_token_ids) -> None:
+        """Sentinel ids may not appear in a prompt: the engine inserts them."""
+        for index, token_id in enumerate(prompt_token_ids or ()):
+            if token_id in self.sentinel_ids:
+                name = "<CL>" if token_id == self.cl_token_id else "<CR>"
+                raise SentinelOptionError(
+                    f"the prompt holds the sentinel token {name} (id {token_id}) at position {index}; sentinels "
+                    f"are inserted by the engine and may not appear in prompt_token_ids. Remove it (as text, "
+                    f"the string {name} is served as ordinary characters)")
+
     def check_request(self, prompt_token_ids, sampling_params, resumable: bool = False) -> None:
         """Everything about one request that the sentinel engine cannot serve, as one clear error.
 
@@ -212,13 +222,7 @@ class EngineSettings:
             raise SentinelOptionError(
                 "streaming-input sessions (resumable requests) are not supported with --attention-backend "
                 "sentinel: a session's chunks could ask for different schedules; send each input as one request")
-        for index, token_id in enumerate(prompt_token_ids or ()):
-            if token_id in self.sentinel_ids:
-                name = "<CL>" if token_id == self.cl_token_id else "<CR>"
-                raise SentinelOptionError(
-                    f"the prompt holds the sentinel token {name} (id {token_id}) at position {index}; sentinels "
-                    f"are inserted by the engine and may not appear in prompt_token_ids. Remove it (as text, "
-                    f"the string {name} is served as ordinary characters)")
+        self.check_prompt(prompt_token_ids)
         allowed = sampling_params.allowed_token_ids
         if allowed is not None and len(allowed) and set(allowed) <= set(self.sentinel_ids):
             raise SentinelOptionError(
