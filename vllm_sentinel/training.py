@@ -97,6 +97,9 @@ class WindowSampler:
             raise ValueError(f"unknown regime {cfg.regime!r}; choose one of {REGIMES}")
         self.cfg, self.sentinel_ids = cfg, sentinel_ids
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # The scattered baseline's kept-token draws get their own generator: drawn from the window
+        # generator they would shift every later window, and "same data order" across methods would fail.
+        self.keep_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.scheduled = JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
         self.random = RandomSpans(min(cfg.schedule.net_ratio, 0.9), sink=cfg.schedule.sink, seed=cfg.seed)
 
@@ -115,7 +118,7 @@ class WindowSampler:
         for s in starts.tolist():
             spans, window = self._spans(n)
             examples.append(build_example(self.ids[s: s + n], self.cfg.regime, spans, *self.sentinel_ids,
-                                          generator=self.generator, window=window))
+                                          generator=self.keep_generator, window=window))
         return collate(examples, pad_id=0)
 
 
@@ -183,6 +186,7 @@ def train(model, tokenizer, train_stream: list[int], heldout_stream: list[int], 
     if checkpoint.is_dir():
         state = _load_checkpoint(checkpoint, model, optimizer)
         sampler.generator.manual_seed(cfg.seed + state["step"])  # fresh windows after a resume
+        sampler.keep_generator.manual_seed(cfg.seed + 1 + state["step"])
 
     def evaluate() -> float:
         return perplexity(model, heldout_stream, cfg.regime, sentinel, window=cfg.seq_len,
