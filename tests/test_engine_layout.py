@@ -20,6 +20,18 @@ from vllm_sentinel.schedule import ScheduledSpans
 LAYOUTS = [ScheduleConfig(*s) for s in SCHEDULES] + [ScheduleConfig(0, 2, 0), ScheduleConfig(3, 5, 1)]
 
 
+
+def assert_stable_prefix(chunk, seen):
+    """The backend's split of the cached prefix: the stable part is seen whole by every real token
+    and by no sentinel, and nothing this step writes or moves lies in it."""
+    stable = chunk.stable_len
+    real = torch.from_numpy(chunk.kinds == REAL)
+    assert bool(seen[real, :stable].all()) and not bool(seen[~real, :stable].any())
+    assert torch.equal(chunk.visibility(stable), seen[:, stable:])
+    touched = np.concatenate([chunk.slots[chunk.slots >= 0], chunk.move_from, chunk.move_to])
+    assert (touched >= stable).all()
+    assert chunk.cached_len - stable <= chunk.layout.span + chunk.layout.window + chunk.layout.gap
+
 def stream_for(schedule: ScheduleConfig, n: int):
     return build_stream(torch.arange(n), ScheduledSpans(schedule).spans(n), cl_id=-1, cr_id=-2)
 
@@ -88,6 +100,7 @@ def simulate(schedule, n: int, chunk_sizes, block_size: int = 16):
         assert chunk.kinds.tolist() == stream.kinds[where].tolist()
 
         seen = chunk.visibility()
+        assert_stable_prefix(chunk, seen)
         for i, query in enumerate(where):
             got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
             got |= {where[j] for j in np.flatnonzero(seen[i, cached:].numpy())}
@@ -229,6 +242,7 @@ def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16):
         assert ids == expected[len(produced): len(produced) + len(ids)]
         produced += ids
         seen = chunk.visibility()
+        assert_stable_prefix(chunk, seen)
         for i, token in enumerate(ids):
             got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
             got |= {ids[j] for j in np.flatnonzero(seen[i, cached:].numpy())}

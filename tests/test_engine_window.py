@@ -101,3 +101,41 @@ def test_windowed_blocks_stay_within_the_bound_and_preemption_changes_nothing(en
     reference = engines["whole"].generate([{"prompt_token_ids": p} for p in batch], params(schedule, max_tokens=400),
                                           use_tqdm=False)
     assert outputs == {str(i): list(out.outputs[0].token_ids) for i, out in enumerate(reference)}
+
+
+def test_masked_rows_skip_the_kernel_and_tiny_tiles_change_nothing(engines, oracle, monkeypatch):
+    """Each token row is attended exactly once, by the kernel (plain requests) or the masked path;
+    with the score budget at its minimum (one block per tile, one piece per group) the results are
+    still the oracle's: tiling and grouping are bookkeeping, not approximations."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from vllm_sentinel.engine import backend
+
+    monkeypatch.setattr(backend, "SCORE_BUDGET", 1)
+    kernel_rows, seen = [], []
+    kernel_forward, sentinel_forward = CPUAttentionBackendImpl.forward, backend.SentinelAttentionImpl.forward
+
+    def kernel(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs):
+        kernel_rows.append(meta.num_actual_tokens)
+        return kernel_forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
+
+    def sentinel(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs):
+        kernel_rows.clear()
+        result = sentinel_forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
+        if meta is not None:
+            masked = meta.masked_rows.tolist()
+            plain = meta.plain_rows.tolist() if meta.plain_rows is not None else []
+            seen.append((sum(kernel_rows), len(masked), meta.num_actual_tokens, bool(set(masked) & set(plain))))
+        return result
+
+    monkeypatch.setattr(CPUAttentionBackendImpl, "forward", kernel)
+    monkeypatch.setattr(backend.SentinelAttentionImpl, "forward", sentinel)
+    batch = prompts(6, seed=5, longest=300)
+    schedules = [WINDOWED[i % len(WINDOWED)] for i in range(len(batch))]
+    outputs = engines["chunked"].generate([{"prompt_token_ids": p} for p in batch],
+                                          [params(s, max_tokens=40) for s in schedules], use_tqdm=False)
+    assert max(oracle.check(p, out, ScheduleConfig(*s)) for p, out, s in zip(batch, outputs, schedules)) \
+        < LOGPROB_TOLERANCE
+    mixed = [(k, m, n) for k, m, n, overlap in seen if m and k]
+    assert mixed, "no step mixed plain and masked requests"
+    assert all(k + m == n and not overlap for k, m, n, overlap in seen)

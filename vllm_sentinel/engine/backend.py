@@ -1,17 +1,26 @@
 """`SentinelAttentionBackend`: the platform's attention kernel, plus a masked path for closing spans.
 
 Every request's chunk is either
-- *plain* (no span closes in it): the cache already holds exactly what its tokens may see, and its
-  tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs unchanged,
-  with physical sequence lengths and slots;
+- *plain* (no span is compacted in it): the cache already holds exactly what its tokens may see,
+  and its tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs
+  unchanged, with physical sequence lengths and slots;
 - *masked* (a span is compacted): `<CL>`/`<CR>` are in the chunk and tokens after a `<CR>` must
-  no longer see its span. With a recent window (W > 0) the raw tokens cached after the span are
-  moved left into the slots it gave up, from the same pre-step read (layout.py). Its cached prefix is read out of the paged cache *before* this step writes
-  anything (a `<CR>` goes into the slot its span began in, which the `<CR>` itself and the tokens
-  before it still read). The chunk is cut after each `<CR>`; each piece gathers only the keys it
-  may see (the compacted prefix and its own span), and pieces are attended in padded groups with
-  the sentinel mask in torch (SDPA). The kernel still runs over these rows, cheaply (their
-  sequence length covers their own chunk only), and its output there is overwritten.
+  no longer see its span. Its rows never go through the kernel (the kernel gets the plain
+  requests only); they are attended once, in torch, in two parts merged by log-sum-exp:
+  - the *stable* prefix (the sink, the compacted `<CR>`s and gaps: `ChunkPlan.stable_len`), seen
+    whole by every real token and by no sentinel: read straight from the paged cache in tiles of
+    whole blocks, no mask;
+  - the *volatile* tail (the raw region, at most L + W slots, which this step's `<CR>`s and
+    moves overwrite, so it is read before the step writes) and the chunk itself: the chunk is cut
+    after each `<CR>`, each piece gathers only the keys it may see, and pieces are attended in
+    padded groups with the sentinel mask.
+  With a recent window (W > 0) the raw tokens cached after a compacted span are moved left into
+  the slots it gave up, from the same pre-write read (layout.py).
+
+Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: at most
+`SCORE_BUDGET` attention scores per tile or group (plus one block-row of scores when a chunk's
+real tokens times the query heads exceed it), the volatile tails (L + W slots per masked request),
+and one tile of keys and values.
 
 The wrapped kernel's in-block KV layout is its own business (CPU_ATTN stores keys transposed, and
 differently per ISA), so `PagedKVReader` learns it once by writing a known pattern through the
@@ -19,19 +28,19 @@ kernel's own cache writer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
-import torch.nn.functional as F
-from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
-from ..masks import CR
+from ..masks import CR, REAL
+from .layout import cdiv
 from .kv_cache_manager import SentinelAttentionSpec
 
-logger = init_logger("vllm.sentinel")
 
 
 class SentinelAttentionBackend(CPUAttentionBackend):
@@ -66,13 +75,20 @@ class SentinelAttentionBackend(CPUAttentionBackend):
 PADDING_ALLOWANCE = 1.5
 
 
-def group_by_size(sizes: list[tuple[int, int]]) -> list[list[int]]:
-    """Indices of (queries, keys) work items, grouped so that padding wastes little."""
+# Attention scores (query x key x head) one tile or group may hold: what bounds the masked path's memory.
+SCORE_BUDGET = 1 << 23
+
+
+def group_by_size(sizes: list[tuple[int, int]], max_padded: int | None = None) -> list[list[int]]:
+    """Indices of (queries, keys) work items, grouped so that padding wastes little and no group's
+    padded size exceeds `max_padded` (a single item larger than that is a group of its own)."""
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
     groups, current, work, k_max = [], [], 0, 0
     for i in order:
         q, k = sizes[i]
-        if current and (len(current) + 1) * q * max(k, k_max) > PADDING_ALLOWANCE * (work + q * k):
+        padded = (len(current) + 1) * q * max(k, k_max)
+        if current and (padded > PADDING_ALLOWANCE * (work + q * k)
+                        or (max_padded is not None and padded > max_padded)):
             groups.append(current)
             current, work, k_max = [], 0, 0
         current.append(i)
@@ -83,34 +99,38 @@ def group_by_size(sizes: list[tuple[int, int]]) -> list[list[int]]:
 
 @dataclass
 class Segment:
-    """Consecutive queries of a masked chunk and the keys any of them may see (a few, compacted)."""
+    """Consecutive queries of a masked chunk and the volatile or chunk keys any of them may see."""
 
-    query_rows: torch.Tensor  # [q] token rows in the batch
-    keys: torch.Tensor        # [k] indices into the step's key bank: cached prefixes, then this step's tokens
+    query_rows: torch.Tensor  # [q] rows in the step's masked rows (the accumulators' index)
+    keys: torch.Tensor        # [k] indices into the step's key bank: volatile tails, then this step's tokens
     visible: torch.Tensor     # [q, k] bool
 
 
-def segments(chunk, start: int, cached_offset: int, fresh_offset: int) -> list[Segment]:
-    """A masked chunk cut after each `<CR>`. Every token of a piece sees the compacted prefix and its
-    own piece only, so gathering each piece's visible keys keeps the work near the true visible
-    set, instead of the chunk's full square."""
-    seen = chunk.visibility()
-    p = chunk.cached_len
+def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int) -> list[Segment]:
+    """A masked chunk cut after each `<CR>`. Every token of a piece sees the stable prefix (attended
+    apart), the volatile tail and its own piece only, so gathering each piece's visible keys keeps
+    the work near the true visible set, instead of the chunk's full square.
+
+    `first_row`: the chunk's first row among the step's masked rows; `start`: its first row in the
+    batch (where its keys sit among this step's tokens)."""
+    stable = chunk.stable_len
+    volatile = chunk.cached_len - stable
+    seen = chunk.visibility(stable)
     ends = (torch.from_numpy(chunk.kinds) == CR).nonzero().squeeze(1) + 1
     bounds = [0, *ends.tolist()] + ([chunk.num_tokens] if not ends.numel() or ends[-1] < chunk.num_tokens else [])
     pieces = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         columns = seen[a:b].any(0).nonzero().squeeze(1)
-        keys = torch.where(columns < p, cached_offset + columns, fresh_offset + start + columns - p)
-        pieces.append(Segment(torch.arange(start + a, start + b), keys, seen[a:b][:, columns]))
+        keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
+        pieces.append(Segment(torch.arange(first_row + a, first_row + b), keys, seen[a:b][:, columns]))
     return pieces
 
 
 @dataclass
 class MaskedGroup:
-    """Segments attended together in one padded SDPA call."""
+    """Segments attended together in one padded call."""
 
-    query_rows: torch.Tensor  # [G, Q] token rows in the batch, -1 for padding
+    query_rows: torch.Tensor  # [G, Q] masked rows, -1 for padding
     keys: torch.Tensor        # [G, K] indices into the key bank (padding: 0, never visible)
     visible: torch.Tensor     # [G, Q, K] bool
 
@@ -131,14 +151,26 @@ def pad_group(pieces: list[Segment], device) -> MaskedGroup:
 
 
 @dataclass
+class StablePrefix:
+    """A masked request's stable prefix and the rows that see it: its real tokens."""
+
+    rows: torch.Tensor    # [r] masked rows of the chunk's real tokens
+    blocks: torch.Tensor  # [cdiv(length, block_size)] physical blocks holding slots [0, length)
+    length: int
+
+
+@dataclass
 class SentinelAttentionMetadata:
     num_actual_tokens: int
-    slot_mapping: torch.Tensor       # [N] cache slot of every token, -1 where nothing is stored
-    kernel: CPUAttentionMetadata     # the wrapped kernel's metadata for the whole batch
-    cached_slots: torch.Tensor       # [C] cache slots of the masked requests' prefixes: the key bank's front
-    masked: list[MaskedGroup]        # requests whose chunk closes a span; their kernel rows are overwritten
-    move_rows: torch.Tensor          # [V] key-bank rows of cached tokens a compaction shifts left (window > 0)
-    move_slots: torch.Tensor         # [V] the cache slots they move to
+    slot_mapping: torch.Tensor            # [N] cache slot of every token, -1 where nothing is stored
+    kernel: CPUAttentionMetadata | None   # the wrapped kernel's metadata for the plain requests (None: there are none)
+    plain_rows: torch.Tensor | None       # [P] batch rows of plain requests when masked ones share the step, else None
+    masked_rows: torch.Tensor             # [M] batch rows of requests whose chunk compacts a span
+    volatile_slots: torch.Tensor          # [C] cache slots of their volatile tails: the key bank's front
+    stable: list[StablePrefix]            # per masked request with a stable prefix
+    masked: list[MaskedGroup]             # pieces of the masked chunks, against the volatile tails and chunk
+    move_rows: torch.Tensor               # [V] key-bank rows of cached tokens a compaction shifts left (window > 0)
+    move_slots: torch.Tensor              # [V] the cache slots they move to
 
 
 class SentinelStepState:
@@ -153,36 +185,68 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        kernel = super().build(common_prefix_len, cm, fast_build)
         plan = self.step.plan if self.step is not None else None
-        masked_rows = plan.masked_rows if plan is not None else []
-        if not masked_rows:  # dummy runs, and every step in which no span closes
+        masked_requests = plan.masked_rows if plan is not None else []
+        if not masked_requests:  # dummy runs, and every step in which no span is compacted
             nothing = cm.slot_mapping[:0]
-            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, nothing, [],
-                                             nothing, nothing)
+            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping,
+                                             super().build(common_prefix_len, cm, fast_build), None,
+                                             nothing, nothing, [], [], nothing, nothing)
         assert cm.num_reqs == len(plan.layouts), "the step plan and the batch disagree"
-        table = cm.block_table_tensor.long().cpu()
-        cached_slots, pieces, move_rows, move_slots = [], [], [], []
-        num_cached = sum(int(plan.cached_len[row]) for row in masked_rows)
-        offset = 0
-        for row in masked_rows:
-            chunk = plan.chunk(row)
-            physical = torch.arange(chunk.cached_len)
-            cached_slots.append(table[row, physical // self.block_size] * self.block_size + physical % self.block_size)
-            pieces += segments(chunk, int(plan.query_start[row]), offset, num_cached)
-            if chunk.move_from.size:
-                move_rows.append(offset + torch.from_numpy(chunk.move_from))
-                target = torch.from_numpy(chunk.move_to)
-                move_slots.append(table[row, target // self.block_size] * self.block_size + target % self.block_size)
-            offset += chunk.cached_len
-        groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces])
         device = cm.block_table_tensor.device
-        masked = [pad_group([pieces[i] for i in group], device) for group in groups]
+        starts = plan.query_start
+        plain_requests = np.flatnonzero(plan.num_closings == 0)
+        kernel, plain_rows = None, None
+        if plain_requests.size:
+            plain_rows = torch.from_numpy(np.concatenate([np.arange(starts[r], starts[r + 1]) for r in plain_requests]))
+            kernel = super().build(common_prefix_len, self._subset(cm, plain_requests, plain_rows), fast_build)
+            plain_rows = plain_rows.to(device)
+
+        table = cm.block_table_tensor.long().cpu()
+        bs = self.block_size
+        chunks = {row: plan.chunk(row) for row in masked_requests}
+        volatile_slots, move_rows, move_slots, stable, pieces = [], [], [], [], []
+        num_volatile = sum(chunks[row].cached_len - chunks[row].stable_len for row in masked_requests)
+        offset, first_row = 0, 0
+        for row in masked_requests:
+            chunk = chunks[row]
+            stable_len = chunk.stable_len
+            tail = torch.arange(stable_len, chunk.cached_len)
+            volatile_slots.append(table[row, tail // bs] * bs + tail % bs)
+            if stable_len:
+                real = torch.from_numpy(np.flatnonzero(chunk.kinds == REAL))
+                stable.append(StablePrefix((first_row + real).to(device), table[row, :cdiv(stable_len, bs)].to(device),
+                                           stable_len))
+            pieces += segments(chunk, first_row, offset, num_volatile, int(starts[row]))
+            if chunk.move_from.size:
+                move_rows.append(offset + torch.from_numpy(chunk.move_from) - stable_len)
+                target = torch.from_numpy(chunk.move_to)
+                move_slots.append(table[row, target // bs] * bs + target % bs)
+            offset += chunk.cached_len - stable_len
+            first_row += chunk.num_tokens
+        masked_rows = torch.from_numpy(np.concatenate([np.arange(starts[r], starts[r + 1]) for r in masked_requests]))
+        groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
+                               max_padded=SCORE_BUDGET // self.num_heads)
         none = torch.zeros(0, dtype=torch.long)
-        return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel,
-                                         torch.cat(cached_slots).to(device), masked,
+        return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, plain_rows,
+                                         masked_rows.to(device), torch.cat(volatile_slots).to(device), stable,
+                                         [pad_group([pieces[i] for i in group], device) for group in groups],
                                          torch.cat(move_rows or [none]).to(device),
                                          torch.cat(move_slots or [none]).to(device))
+
+    @staticmethod
+    def _subset(cm, requests: np.ndarray, rows: torch.Tensor):
+        """`cm` for some of its requests, their tokens renumbered from 0 (for the kernel's metadata)."""
+        index = torch.from_numpy(requests)
+        query_lens = cm.query_start_loc_cpu[1:][index] - cm.query_start_loc_cpu[:-1][index]
+        query_start = torch.zeros(len(requests) + 1, dtype=cm.query_start_loc_cpu.dtype)
+        torch.cumsum(query_lens, 0, out=query_start[1:])
+        seq_lens = cm.seq_lens[index.to(cm.seq_lens.device)]
+        return replace(cm, num_reqs=len(requests), num_actual_tokens=rows.numel(), max_query_len=int(query_lens.max()),
+                       max_seq_len=int(seq_lens.max()), query_start_loc=query_start.to(cm.query_start_loc.device),
+                       query_start_loc_cpu=query_start, seq_lens=seq_lens,
+                       block_table_tensor=cm.block_table_tensor[index.to(cm.block_table_tensor.device)],
+                       slot_mapping=cm.slot_mapping[rows.to(cm.slot_mapping.device)])
 
 
 class PagedKVReader:
@@ -233,6 +297,16 @@ class PagedKVReader:
         return keys, values
 
 
+    def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of whole blocks, slot by slot, as `[len(blocks) * block_size, num_kv_heads, head_size]`
+        each: the in-block index is shared by every block, so nothing as large as the data is built."""
+        flat = kv_cache.view(kv_cache.shape[0], -1)[blocks]
+        heads, dims = self.k_index.shape[1:]
+        keys = flat[:, self.k_index.to(blocks.device).view(-1)].view(-1, heads, dims)
+        values = flat[:, self.v_index.to(blocks.device).view(-1)].view(-1, heads, dims)
+        return keys, values
+
+
 _readers: dict[tuple, PagedKVReader] = {}
 
 
@@ -274,27 +348,75 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         meta: SentinelAttentionMetadata = attn_metadata
         n = meta.num_actual_tokens
 
-        # Read masked requests' prefixes before this step's writes reach any of their slots.
-        if meta.masked:
-            cached_k, cached_v = self._reader(layer, kv_cache).read(kv_cache, meta.cached_slots)
+        # Read the volatile tails before this step's writes reach any of their slots.
+        if meta.masked_rows.numel():
+            volatile_k, volatile_v = self._reader(layer, kv_cache).read(kv_cache, meta.volatile_slots)
         self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, meta.slot_mapping[:n])
         if meta.move_rows.numel():  # window > 0: the raw tokens after a compacted span close the gap it left
-            self.do_kv_cache_update(layer, cached_k[meta.move_rows].to(key.dtype),
-                                    cached_v[meta.move_rows].to(value.dtype), kv_cache, meta.move_slots)
-        # The kernel takes the whole batch; the rows of masked requests (given sequence lengths
-        # that only cover their own chunk) are recomputed below.
-        super().forward(layer, query, key, value, kv_cache, meta.kernel, output)
-        if not meta.masked:
-            return output
-
-        bank_k = torch.cat([cached_k.to(key.dtype), key[:n]])
-        bank_v = torch.cat([cached_v.to(value.dtype), value[:n]])
-        for group in meta.masked:
-            q = query[group.query_rows.clamp(min=0)].transpose(1, 2)
-            k = bank_k[group.keys].transpose(1, 2)
-            v = bank_v[group.keys].transpose(1, 2)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=group.visible.unsqueeze(1), scale=self.scale,
-                                                      enable_gqa=True).transpose(1, 2)
-            real = group.query_rows >= 0
-            output[group.query_rows[real]] = attended[real].to(output.dtype)
+            self.do_kv_cache_update(layer, volatile_k[meta.move_rows].to(key.dtype),
+                                    volatile_v[meta.move_rows].to(value.dtype), kv_cache, meta.move_slots)
+        if meta.kernel is not None:
+            if meta.plain_rows is None:
+                super().forward(layer, query, key, value, kv_cache, meta.kernel, output)
+            else:  # the kernel takes the plain requests only, packed
+                rows = meta.plain_rows
+                plain_output = output.new_empty((rows.numel(), *output.shape[1:]))
+                super().forward(layer, query[rows], key, value, kv_cache, meta.kernel, plain_output)
+                output[rows] = plain_output
+        if meta.masked_rows.numel():
+            bank_k = torch.cat([volatile_k.to(key.dtype), key[:n]])
+            bank_v = torch.cat([volatile_v.to(value.dtype), value[:n]])
+            output[meta.masked_rows] = self._masked_attention(layer, query, kv_cache, meta, bank_k, bank_v).to(
+                output.dtype).view(-1, *output.shape[1:])
         return output
+
+    def _masked_attention(self, layer, query, kv_cache, meta: SentinelAttentionMetadata, bank_k, bank_v):
+        """Attention of the masked rows, `[M, heads, head_size]` in fp32: one online softmax per row
+        over its stable prefix (tiles of whole blocks) and its pieces (volatile tail and chunk)."""
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_size
+        per_kv = heads // kv_heads
+        rows = meta.masked_rows.numel()
+        # One spare row takes the padding rows of every group.
+        q = torch.zeros((rows + 1, kv_heads, per_kv, dim), dtype=torch.float32, device=query.device)
+        q[:rows] = query[meta.masked_rows].view(rows, kv_heads, per_kv, dim).float() * self.scale
+        state = OnlineSoftmax(rows + 1, kv_heads, per_kv, dim, query.device)
+        reader = self._reader(layer, kv_cache) if meta.stable else None
+        for prefix in meta.stable:
+            queries = q[prefix.rows].unsqueeze(0)
+            block_size = reader.block_size
+            per_tile = max(1, SCORE_BUDGET // (prefix.rows.numel() * heads * block_size))
+            for first in range(0, prefix.blocks.numel(), per_tile):
+                k, v = reader.read_blocks(kv_cache, prefix.blocks[first: first + per_tile])
+                length = min(prefix.length - first * block_size, k.shape[0])
+                state.fold(prefix.rows.unsqueeze(0), queries, k[:length].unsqueeze(0).float(),
+                           v[:length].unsqueeze(0).float(), None)
+        for group in meta.masked:
+            index = torch.where(group.query_rows >= 0, group.query_rows, rows)
+            state.fold(index, q[index], bank_k[group.keys].float(), bank_v[group.keys].float(), group.visible)
+        return state.result()[:rows].view(rows, heads, dim)
+
+
+class OnlineSoftmax:
+    """Softmax attention accumulated over key blocks (flash-attention style), per row and head."""
+
+    def __init__(self, rows: int, kv_heads: int, per_kv: int, dim: int, device):
+        self.max = torch.full((rows, kv_heads, per_kv), float("-inf"), device=device)
+        self.sum = torch.zeros((rows, kv_heads, per_kv), device=device)
+        self.acc = torch.zeros((rows, kv_heads, per_kv, dim), device=device)
+
+    def fold(self, index, q, k, v, visible) -> None:
+        """index [G, Q] rows (distinct, but for the spare padding row); q [G, Q, Hkv, g, D], pre-scaled;
+        k, v [G, K, Hkv, D]; visible [G, Q, K] bool or None (all visible)."""
+        scores = torch.einsum("gqhjd,gkhd->gqhjk", q, k)
+        if visible is not None:
+            scores.masked_fill_(~visible[:, :, None, None, :], float("-inf"))
+        old_max = self.max[index]
+        new_max = torch.maximum(old_max, scores.amax(-1))
+        weights = torch.exp(scores - new_max.unsqueeze(-1))
+        rescale = torch.exp(old_max - new_max)
+        self.sum[index] = self.sum[index] * rescale + weights.sum(-1)
+        self.acc[index] = self.acc[index] * rescale.unsqueeze(-1) + torch.einsum("gqhjk,gkhd->gqhjd", weights, v)
+        self.max[index] = new_max
+
+    def result(self) -> torch.Tensor:
+        return self.acc / self.sum.clamp(min=torch.finfo(self.sum.dtype).tiny).unsqueeze(-1)

@@ -55,16 +55,27 @@ class ChunkPlan:
         """Chunk index of the last real token: the row whose logits sample the next token."""
         return int(np.flatnonzero(self.kinds == REAL)[-1])
 
-    def visibility(self) -> torch.Tensor:
-        """`[q, p(c) + q]` bool: which cached slots and chunk tokens each chunk token attends to.
+    @property
+    def stable_len(self) -> int:
+        """Cached slots this chunk neither rewrites nor hides: the sink, the compacted `<CR>`s and their
+        gaps, up to where the raw region begins (span k(c)'s first slot). Every real token of the
+        chunk sees all of them and no sentinel sees any; what follows them (at most L + W slots) is
+        the *volatile* tail, which this step's `<CR>`s and moves overwrite."""
+        if self.is_plain:
+            return self.cached_len
+        return min(self.cached_len, int(self.layout.base(self.layout.num_closed(self.computed))))
+
+    def visibility(self, first_cached: int = 0) -> torch.Tensor:
+        """`[q, p(c) - first_cached + q]` bool: which cached slots (from `first_cached` on) and chunk
+        tokens each chunk token attends to.
 
         The cached prefix is the physical cache in slot order. Everything in it is visible to
         real tokens except the open span's tokens once that span's `<CR>` has gone by in this
         chunk; a `<CR>` sees its own span's cached tokens and nothing else of the cache.
         """
-        cached = self.cached_len
+        cached = self.cached_len - first_cached
         kinds = np.concatenate([np.full(cached, REAL), self.kinds])
-        spans = np.concatenate([self.layout.cached_spans(self.computed), self.span_index])
+        spans = np.concatenate([self.layout.cached_spans(self.computed)[first_cached:], self.span_index])
         close = np.concatenate([np.full(cached, NEVER), np.where(self.close_at < NEVER, self.close_at + cached, NEVER)])
         # Cached raw tokens of a span compacted in this chunk stop being visible after its <CR>.
         crs = np.flatnonzero(self.kinds == CR)
