@@ -10,7 +10,13 @@ Workloads:
 - kv-bound: a KV budget that holds only a few uncompressed requests, long generations;
 - overhead: ample memory, short outputs (what compression costs when memory is not the limit);
 - prefill: long prompts, short outputs;
-- span-sweep: the kv-bound workload, smaller, at several span lengths L.
+- long-gen: long generations; stock on an ample pool only, sentinel on a small one;
+- span-sweep: the kv-bound workload, smaller, at several span lengths L;
+- long-prompt: one prompt of 16k or 32k tokens per engine, each engine in its own process: time to
+  first token and the peak memory of the process tree (`long_prompts`).
+
+Workloads with a small pool also run stock on an *ample* pool in the same run, so the report
+says how far sentinel gets towards (or past) what the machine can do with all the memory it wants.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ class Workload:
     output_len: int
     kv_budget_requests: float | None = None  # KV pool = this many uncompressed requests; None: ample
     span: int | None = None                  # per-request span override (the sweep); None: the model's
+    stock_on_budget: bool = True             # False: stock runs on the ample pool only
 
     @property
     def kv_budget_tokens(self) -> int | None:
@@ -49,6 +56,7 @@ WORKLOADS = {
     "kv-bound": Workload("kv-bound", 32, 64, 1536, kv_budget_requests=2.75),
     "overhead": Workload("overhead", 64, 128, 128),
     "prefill": Workload("prefill", 16, 1536, 16),
+    "long-gen": Workload("long-gen", 16, 64, 3072, kv_budget_requests=2.75, stock_on_budget=False),
 }
 SWEEP = Workload("span-sweep", 16, 64, 512, kv_budget_requests=4)
 SWEEP_SPANS = (4, 8, 16, 32)
@@ -56,6 +64,7 @@ QUICK = {  # a configuration small enough for a CI test: same code paths, minute
     "kv-bound": Workload("kv-bound", 16, 64, 192, kv_budget_requests=4),
     "overhead": Workload("overhead", 16, 32, 32),
     "prefill": Workload("prefill", 8, 384, 8),
+    "long-gen": Workload("long-gen", 8, 32, 320, kv_budget_requests=2.75, stock_on_budget=False),
 }
 QUICK_SWEEP = Workload("span-sweep", 8, 64, 96, kv_budget_requests=3)
 QUICK_SPANS = (4, 16)
@@ -127,16 +136,25 @@ def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=
     first = workloads[0]
     prompts = random_prompts(first.num_prompts, first.input_len, config["vocab_size"], sentinel.sentinel_ids)
     engine_settings = engine_kwargs(first, config, **settings)
-    runs = {backend: run_engine(model_dir, backend, workloads if backend == "sentinel" else workloads[:1], prompts,
-                                engine_settings)
-            for backend in backends}
+    ample_settings = engine_kwargs(replace(first, kv_budget_requests=None), config, **settings)
+    runs = {}
+    for backend in backends:
+        if backend == "stock" and first.kv_budget_requests is not None and len(workloads) == 1:
+            # the machine's limit: stock with all the KV it wants, next to both engines on the small pool
+            runs["stock-ample"] = run_engine(model_dir, "stock", workloads[:1], prompts, ample_settings)
+            if not first.stock_on_budget:
+                continue
+        runs[backend] = run_engine(model_dir, backend, workloads if backend == "sentinel" else workloads[:1], prompts,
+                                   engine_settings)
     results = []
     for i, workload in enumerate(workloads):
-        by_backend = {backend: runs[backend][i] for backend in backends if i < len(runs[backend])}
+        by_backend = {backend: run[i] for backend, run in runs.items() if i < len(run)}
         result = {"workload": asdict(workload), "kv_budget_tokens": workload.kv_budget_tokens, "runs": by_backend}
-        if set(by_backend) == {"stock", "sentinel"}:
-            result["ratios"] = {key: by_backend["sentinel"][key] / by_backend["stock"][key]
-                                for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")}
+        keys = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
+        if "sentinel" in by_backend and "stock" in by_backend:
+            result["ratios"] = {key: by_backend["sentinel"][key] / by_backend["stock"][key] for key in keys}
+        if "sentinel" in by_backend and "stock-ample" in by_backend:
+            result["ratios_vs_ample"] = {key: by_backend["sentinel"][key] / by_backend["stock-ample"][key] for key in keys}
         schedule = sentinel.schedule if not workload.span else replace(sentinel.schedule, span=workload.span)
         per_request = by_backend.get("sentinel", {}).get("kv_per_request")
         if per_request:
@@ -153,7 +171,7 @@ def format_result(result: dict) -> str:
     lines = [f"[{w['name']}] {w['num_prompts']} requests x {w['input_len']} in x {w['output_len']} out, {budget}"
              + (f", span {w['span']}" if w.get("span") else "")]
     for backend, run in result["runs"].items():
-        lines.append(f"  {backend:>8}: {run['requests_per_s']:6.2f} req/s {run['output_tokens_per_s']:8.1f} out tok/s "
+        lines.append(f"  {backend:>11}: {run['requests_per_s']:6.2f} req/s {run['output_tokens_per_s']:8.1f} out tok/s "
                      f"{run['total_tokens_per_s']:8.1f} total tok/s | peak running {run['peak_running']:3d} "
                      f"preemptions {run['preemptions']:4d} peak KV blocks {run['peak_kv_blocks']:5d} | "
                      f"TTFT p50/p99 {run['ttft_ms_p50']:.0f}/{run['ttft_ms_p99']:.0f} ms "
@@ -163,6 +181,10 @@ def format_result(result: dict) -> str:
         r = result["ratios"]
         lines.append(f"  sentinel / stock: {r['requests_per_s']:.2f}x req/s, {r['output_tokens_per_s']:.2f}x output "
                      f"tok/s, {r['total_tokens_per_s']:.2f}x total tok/s")
+    if "ratios_vs_ample" in result:
+        r = result["ratios_vs_ample"]
+        lines.append(f"  sentinel (this pool) / stock (ample pool): {r['output_tokens_per_s']:.2f}x output tok/s, "
+                     f"{r['total_tokens_per_s']:.2f}x total tok/s")
     if "kv_slots_vs_ideal" in result:
         k = result["kv_slots_vs_ideal"]
         lines.append(f"  KV slots per request at {k['tokens']:.0f} tokens: {k['slots']:.1f} "
@@ -178,18 +200,27 @@ def plot(results: list[dict], sweep: list[dict], path: Path, title: str) -> None
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     ax = axes[0]
-    compared = [r for r in results if "ratios" in r]
+    compared = [r for r in results if "ratios" in r or "ratios_vs_ample" in r]
     names = [r["workload"]["name"] for r in compared]
-    ratios = [r["ratios"]["requests_per_s"] for r in compared]  # = every token rate: lengths are fixed
-    bars = ax.bar(names, ratios, color=["C1" if x >= 1 else "C3" for x in ratios])
-    for bar, r in zip(bars, compared):
-        stock, ours = r["runs"]["stock"]["total_tokens_per_s"], r["runs"]["sentinel"]["total_tokens_per_s"]
-        ax.annotate(f"{bar.get_height():.2f}x\n{ours:.0f} vs {stock:.0f} tok/s", (bar.get_x() + bar.get_width() / 2,
-                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    x = np.arange(len(compared))
+    tallest = 1.0
+    for offset, key, against, label, color in ((-0.2, "ratios", "stock", "vs stock, same pool", "C1"),
+                                               (0.2, "ratios_vs_ample", "stock-ample", "vs stock, ample pool", "C0")):
+        # total tokens/s: lengths are fixed, so every token rate gives the same ratio
+        heights = [r[key]["total_tokens_per_s"] if key in r else 0.0 for r in compared]
+        bars = ax.bar(x + offset, heights, width=0.4, color=color, label=label)
+        for bar, r in zip(bars, compared):
+            if key in r:
+                stock, ours = r["runs"][against]["total_tokens_per_s"], r["runs"]["sentinel"]["total_tokens_per_s"]
+                ax.annotate(f"{bar.get_height():.2f}x\n{ours:.0f} vs\n{stock:.0f}", (bar.get_x() + bar.get_width() / 2,
+                            bar.get_height()), ha="center", va="bottom", fontsize=7)
+        tallest = max([tallest] + heights)
+    ax.set_xticks(x, names)
     ax.axhline(1.0, color="grey", linestyle="--")
-    ax.set_ylim(0, max(ratios + [1.0]) * 1.3)
-    ax.set_ylabel("sentinel / stock throughput")
-    ax.set_title("throughput ratio, same model, prompts and KV pool")
+    ax.set_ylim(0, tallest * 1.4)
+    ax.set_ylabel("sentinel / stock total tokens/s")
+    ax.legend(fontsize=8)
+    ax.set_title("throughput ratio, same model and prompts")
 
     ax = axes[1]
     kv_bound = next((r for r in results if r["workload"]["name"] == "kv-bound"), None)
@@ -254,15 +285,88 @@ REALISTIC_SHAPE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads
                        vocab_size=32000, max_position_embeddings=8192)
 
 
-def realistic_dummy_model(out_dir: str | Path, schedule: ScheduleConfig = ScheduleConfig(4, 16, 0)) -> Path:
+def realistic_dummy_model(out_dir: str | Path, schedule: ScheduleConfig = ScheduleConfig(4, 16, 0),
+                          max_positions: int | None = None) -> Path:
     """A weightless model directory: vLLM runs it with load_format="dummy" (random weights)."""
     from .random_model import LlamaShape, write_random_sentinel_model
 
     out_dir = Path(out_dir)
-    shape = LlamaShape(**REALISTIC_SHAPE)
+    shape = LlamaShape(**{**REALISTIC_SHAPE, **({"max_position_embeddings": max_positions} if max_positions else {})})
     config_file = out_dir / "config.json"
     current = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if (current.get("hidden_size"), current.get("num_hidden_layers")) != (shape.hidden_size, shape.num_layers) \
+    if (current.get("hidden_size"), current.get("num_hidden_layers"), current.get("max_position_embeddings")) \
+            != (shape.hidden_size, shape.num_layers, shape.max_position_embeddings) \
             or not (out_dir / "sentinel_config.json").is_file():
         write_random_sentinel_model(out_dir, shape, schedule, weights=False)
     return out_dir
+
+
+# -- long prompts: one engine per process, so that each one's peak memory is its own ---------------
+# (prompt length, span override): the default schedule at 16k and 32k, and spans of 8 at 32k, where a
+# chunk holds the most pieces.
+LONG_PROMPTS = [(16384, None), (32768, None), (32768, 8)]
+QUICK_LONG_PROMPTS = [(1024, None), (1024, 8)]
+
+
+def _long_prompt_child(spec: dict) -> dict:
+    """In a fresh process: one engine, one prompt, one output token; time to first token and peak RSS."""
+    import resource
+
+    from vllm import LLM, SamplingParams
+
+    length, span = spec["length"], spec["span"]
+    kwargs = {"dtype": "bfloat16", "load_format": "dummy", "enforce_eager": True, "block_size": BLOCK_SIZE,
+              "max_model_len": length + 16, "seed": 0, "kv_cache_memory_bytes": 8 << 30,
+              "num_gpu_blocks_override": cdiv(length + 16, BLOCK_SIZE) + 1}
+    if spec["backend"] == "sentinel":
+        kwargs["attention_backend"] = "sentinel"
+    llm = LLM(model=spec["model"], **kwargs)
+    prompt = random_prompts(1, length, spec["vocab"], tuple(spec["avoid"]))[0]
+    extra = {"sentinel": {"span": span}} if span and spec["backend"] == "sentinel" else None
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, extra_args=extra)
+    started = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    ttft = time.perf_counter() - started
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"ttft_s": ttft, "peak_rss_gib": peak_kib / (1 << 20)}
+
+
+def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
+    """Stock and sentinel on single long prompts (default `max_num_batched_tokens`), each engine in
+    its own process; a realistic-shape dummy model with room for 32k positions."""
+    import subprocess
+    import sys
+
+    cases = QUICK_LONG_PROMPTS if quick else LONG_PROMPTS
+    longest = max(length for length, _ in cases)
+    model = realistic_dummy_model(Path(out_dir) / f"model-dummy-{longest // 1024}k", max_positions=longest + 64)
+    config = json.loads((model / "config.json").read_text())
+    avoid = list(SentinelConfig.load(model).sentinel_ids)
+    results = []
+    for length, span in cases:
+        row = {"length": length, "span": span}
+        for backend in ("stock", "sentinel"):
+            spec = {"backend": backend, "model": str(model), "length": length, "span": span,
+                    "vocab": config["vocab_size"], "avoid": avoid}
+            code = ("import json, sys; from vllm_sentinel.bench import _long_prompt_child; "
+                    "print('RESULT ' + json.dumps(_long_prompt_child(json.loads(sys.argv[1]))))")
+            done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"long-prompt {backend} at {length} tokens failed:\n{done.stderr[-3000:]}")
+            row[backend] = json.loads(lines[-1][len("RESULT "):])
+        row["ttft_ratio"] = row["sentinel"]["ttft_s"] / row["stock"]["ttft_s"]
+        row["rss_ratio"] = row["sentinel"]["peak_rss_gib"] / row["stock"]["peak_rss_gib"]
+        print(format_long_prompt(row), flush=True)
+        results.append(row)
+    return results
+
+
+def format_long_prompt(row: dict) -> str:
+    span = f", span {row['span']}" if row["span"] else ""
+    return (f"[long-prompt] one prompt of {row['length']} tokens{span}: time to first token stock "
+            f"{row['stock']['ttft_s']:.1f} s, sentinel {row['sentinel']['ttft_s']:.1f} s ({row['ttft_ratio']:.2f}x); "
+            f"peak RSS stock {row['stock']['peak_rss_gib']:.2f} GiB, sentinel {row['sentinel']['peak_rss_gib']:.2f} GiB "
+            f"({row['rss_ratio']:.2f}x)")

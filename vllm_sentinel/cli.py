@@ -108,6 +108,16 @@ def cmd_bench(args) -> None:
     else:
         models = [(Path(m).name, m) for m in models]
     workloads = args.workloads.split(",")
+    if "long-prompt" in workloads:  # its own model (32k positions) and one engine per process
+        import json
+
+        from .bench import long_prompts
+
+        workloads.remove("long-prompt")
+        rows = long_prompts(args.out, quick=args.quick)
+        (Path(args.out) / "bench-long-prompt.json").write_text(json.dumps(rows, indent=2))
+        if not workloads:
+            return
     for label, model in models:
         dummy = label == "dummy"
         report = bench(model, args.out, workloads, quick=args.quick, dtype="bfloat16" if dummy else args.dtype,
@@ -235,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and prints the ratios; writes bench-<model>.json and .png under --out.")
     p.add_argument("--model", action="append", help="a sentinel model directory (repeatable); default: a realistic "
                    "shape with dummy weights, and models/tiny when it exists")
-    p.add_argument("--workloads", default="kv-bound,overhead,prefill,span-sweep")
+    p.add_argument("--workloads", default="kv-bound,overhead,prefill,long-gen,span-sweep,long-prompt",
+                   help="comma-separated; long-prompt runs its own 32k-position model, one engine per process")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")

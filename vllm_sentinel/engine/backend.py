@@ -4,8 +4,8 @@ Every request's chunk is either
 - *plain* (no span is compacted in it): the cache already holds exactly what its tokens may see,
   and its tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs
   unchanged, with physical sequence lengths and slots;
-- *masked* (a span is compacted): `<CL>`/`<CR>` are in the chunk and tokens after a `<CR>` must
-  no longer see its span. Its rows never go through the kernel (the kernel gets the plain
+- *masked* (a span is compacted): a `<CR>` is in the chunk (seeing its `<CL>` as a constant key
+  and value the model runner supplies), and tokens after a `<CR>` must no longer see its span. Its rows never go through the kernel (the kernel gets the plain
   requests only); they are attended once, in torch, in two parts merged by log-sum-exp:
   - the *stable* prefix (the sink, the compacted `<CR>`s and gaps: `ChunkPlan.stable_len`), seen
     whole by every real token and by no sentinel: read straight from the paged cache in tiles of
@@ -102,17 +102,19 @@ class Segment:
     """Consecutive queries of a masked chunk and the volatile or chunk keys any of them may see."""
 
     query_rows: torch.Tensor  # [q] rows in the step's masked rows (the accumulators' index)
-    keys: torch.Tensor        # [k] indices into the step's key bank: volatile tails, then this step's tokens
+    keys: torch.Tensor        # [k] indices into the step's key bank: volatile tails, this step's tokens, <CL>s
     visible: torch.Tensor     # [q, k] bool
 
 
-def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int) -> list[Segment]:
+def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
+             cl_offset: int) -> list[Segment]:
     """A masked chunk cut after each `<CR>`. Every token of a piece sees the stable prefix (attended
     apart), the volatile tail and its own piece only, so gathering each piece's visible keys keeps
     the work near the true visible set, instead of the chunk's full square.
 
     `first_row`: the chunk's first row among the step's masked rows; `start`: its first row in the
-    batch (where its keys sit among this step's tokens)."""
+    batch (where its keys sit among this step's tokens); `cl_offset`: where the bank holds the
+    `<CL>` key of its first `<CR>` (each `<CR>` closes a piece and sees its `<CL>`, a constant)."""
     stable = chunk.stable_len
     volatile = chunk.cached_len - stable
     seen = chunk.visibility(stable)
@@ -122,7 +124,14 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
     for a, b in zip(bounds[:-1], bounds[1:]):
         columns = seen[a:b].any(0).nonzero().squeeze(1)
         keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
-        pieces.append(Segment(torch.arange(first_row + a, first_row + b), keys, seen[a:b][:, columns]))
+        visible = seen[a:b][:, columns]
+        if chunk.kinds[b - 1] == CR:
+            keys = torch.cat([keys, torch.tensor([cl_offset])])
+            cl_column = torch.zeros((b - a, 1), dtype=torch.bool)
+            cl_column[-1] = True
+            visible = torch.cat([visible, cl_column], dim=1)
+            cl_offset += 1
+        pieces.append(Segment(torch.arange(first_row + a, first_row + b), keys, visible))
     return pieces
 
 
@@ -171,6 +180,8 @@ class SentinelAttentionMetadata:
     masked: list[MaskedGroup]             # pieces of the masked chunks, against the volatile tails and chunk
     move_rows: torch.Tensor               # [V] key-bank rows of cached tokens a compaction shifts left (window > 0)
     move_slots: torch.Tensor              # [V] the cache slots they move to
+    cl_keys: dict | None = None           # layer name -> [C] <CL> keys of this step's <CR>s, rotated
+    cl_values: dict | None = None
 
 
 class SentinelStepState:
@@ -178,6 +189,8 @@ class SentinelStepState:
 
     def __init__(self) -> None:
         self.plan = None
+        self.cl_keys: dict[str, torch.Tensor] = {}    # layer name -> [C, kv_heads, head_size], per <CR> in batch order
+        self.cl_values: dict[str, torch.Tensor] = {}
 
 
 class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -207,6 +220,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         chunks = {row: plan.chunk(row) for row in masked_requests}
         volatile_slots, move_rows, move_slots, stable, pieces = [], [], [], [], []
         num_volatile = sum(chunks[row].cached_len - chunks[row].stable_len for row in masked_requests)
+        cl_first = np.cumsum(plan.num_closings) - plan.num_closings  # each request's first <CR> in batch order
         offset, first_row = 0, 0
         for row in masked_requests:
             chunk = chunks[row]
@@ -217,7 +231,8 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 real = torch.from_numpy(np.flatnonzero(chunk.kinds == REAL))
                 stable.append(StablePrefix((first_row + real).to(device), table[row, :cdiv(stable_len, bs)].to(device),
                                            stable_len))
-            pieces += segments(chunk, first_row, offset, num_volatile, int(starts[row]))
+            pieces += segments(chunk, first_row, offset, num_volatile, int(starts[row]),
+                               num_volatile + cm.num_actual_tokens + int(cl_first[row]))
             if chunk.move_from.size:
                 move_rows.append(offset + torch.from_numpy(chunk.move_from) - stable_len)
                 target = torch.from_numpy(chunk.move_to)
@@ -232,7 +247,8 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                                          masked_rows.to(device), torch.cat(volatile_slots).to(device), stable,
                                          [pad_group([pieces[i] for i in group], device) for group in groups],
                                          torch.cat(move_rows or [none]).to(device),
-                                         torch.cat(move_slots or [none]).to(device))
+                                         torch.cat(move_slots or [none]).to(device),
+                                         self.step.cl_keys, self.step.cl_values)
 
     @staticmethod
     def _subset(cm, requests: np.ndarray, rows: torch.Tensor):
@@ -364,8 +380,8 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
                 super().forward(layer, query[rows], key, value, kv_cache, meta.kernel, plain_output)
                 output[rows] = plain_output
         if meta.masked_rows.numel():
-            bank_k = torch.cat([volatile_k.to(key.dtype), key[:n]])
-            bank_v = torch.cat([volatile_v.to(value.dtype), value[:n]])
+            bank_k = torch.cat([volatile_k.to(key.dtype), key[:n], meta.cl_keys[layer.layer_name].to(key.dtype)])
+            bank_v = torch.cat([volatile_v.to(value.dtype), value[:n], meta.cl_values[layer.layer_name].to(value.dtype)])
             output[meta.masked_rows] = self._masked_attention(layer, query, kv_cache, meta, bank_k, bank_v).to(
                 output.dtype).view(-1, *output.shape[1:])
         return output

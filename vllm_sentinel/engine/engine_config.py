@@ -101,11 +101,11 @@ def configure(vllm_config) -> EngineSettings:
                        "compacted blocks hold physical KV, so a cache hit would reuse the wrong KV.")
         cache.enable_prefix_caching = False
 
-    # The scheduler budgets real tokens; the worker adds two sentinels per closing span. A step of
-    # B real tokens over R requests closes at most B / 2 + R spans (span >= 2), so reserve room.
+    # The scheduler budgets real tokens; the worker adds a <CR> per compacted span. A step of
+    # B real tokens over R requests compacts at most B / 2 + R spans (span >= 2), so reserve room.
     real_budget = scheduler.max_num_scheduled_tokens or scheduler.max_num_batched_tokens
     scheduler.max_num_scheduled_tokens = real_budget
-    scheduler.max_num_batched_tokens = real_budget + 2 * (real_budget // 2 + scheduler.max_num_seqs)
+    scheduler.max_num_batched_tokens = real_budget + real_budget // 2 + scheduler.max_num_seqs
 
     if vllm_config.use_v2_model_runner:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by EngineCore and the workers

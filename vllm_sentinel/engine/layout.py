@@ -72,8 +72,8 @@ class KVLayout:
         return ended if isinstance(t, np.ndarray) else int(ended)
 
     def num_tokens_with_sentinels(self, computed: int, num_real: int) -> int:
-        """Tokens a chunk of `num_real` real tokens after `computed` becomes: two per compaction."""
-        return num_real + 2 * (self.num_closed(computed + num_real) - self.num_closed(computed))
+        """Tokens a chunk of `num_real` real tokens after `computed` becomes: one `<CR>` per compaction."""
+        return num_real + self.num_closed(computed + num_real) - self.num_closed(computed)
 
     def span_start(self, m):
         return self.sink + m * self.period

@@ -23,7 +23,7 @@ PREFIX = "sentinel:"
 @dataclass
 class SentinelStats:
     spans_closed: int = 0          # cumulative
-    sentinel_tokens: int = 0       # cumulative: <CL> and <CR> computed (two per closed span)
+    sentinel_tokens: int = 0       # cumulative: <CR>s computed (one per closed span; <CL> is a constant)
     blocks_freed: int = 0          # cumulative: blocks given back to the pool by compaction
     logical_tokens: int = 0        # now: real tokens whose KV the running requests represent
     physical_slots: int = 0        # now: KV slots the running requests actually hold
@@ -61,7 +61,7 @@ class _Prometheus:
 
         labels = ["model_name", "engine"]
         self.spans_closed = Counter("vllm:sentinel_spans_closed", "Spans compressed into a <CR>.", labels)
-        self.sentinel_tokens = Counter("vllm:sentinel_tokens", "Sentinel tokens (<CL>, <CR>) computed.", labels)
+        self.sentinel_tokens = Counter("vllm:sentinel_tokens", "Sentinel tokens (<CR>) computed; <CL> is a model constant.", labels)
         self.blocks_freed = Counter("vllm:sentinel_kv_blocks_freed", "KV blocks returned to the pool by compaction.",
                                     labels)
         self.compression_ratio = Gauge("vllm:sentinel_kv_compression_ratio",

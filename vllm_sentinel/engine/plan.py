@@ -1,10 +1,14 @@
 """One engine step in the worker: each request's scheduled real tokens, expanded into the stream.
 
 vLLM's scheduler schedules real tokens only (so max_tokens, usage and stop checks never see a
-sentinel). For a request's chunk of real tokens [c, c + k), `plan_chunk` inserts `<CL>`, `<CR>`
-after every token that closes a span and says, for every token of the expanded chunk, its
+sentinel). For a request's chunk of real tokens [c, c + k), `plan_chunk` inserts a `<CR>`
+after every token after which a span is compacted and says, for every token of the expanded chunk, its
 logical position, its physical KV slot (-1: never stored) and what `masks.attention_mask` needs
 to decide visibility against the cached prefix and the rest of the chunk.
+
+`<CL>` is not among them: it attends to itself alone, so its value and pre-RoPE key are constants
+of the model (semantics page), computed once by the model runner and rotated to the `<CL>`'s
+position (`cl_positions`) for the `<CR>` that attends to it. A compaction costs one extra query.
 
 A chunk with no closing is *plain*: its tokens land on consecutive slots right after the cached
 prefix, so ordinary causal paged attention over [0, p(c) + k) is exact. Only chunks with a
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..masks import CL, CR, REAL, attention_mask
+from ..masks import CR, REAL, attention_mask
 from .layout import KVLayout
 
 NEVER = np.iinfo(np.int64).max // 4  # "no <CR> in this chunk closes the token's span"
@@ -29,12 +33,13 @@ class ChunkPlan:
     computed: int            # c: real tokens already in the cache
     num_real: int            # k: real tokens scheduled this step
     cached_len: int          # p(c): physical slots of the cache before this chunk
-    kinds: np.ndarray        # [q] REAL / CL / CR
+    kinds: np.ndarray        # [q] REAL / CR
     positions: np.ndarray    # [q] logical (RoPE) positions
     real_index: np.ndarray   # [q] real token index, -1 for sentinels
-    span_index: np.ndarray   # [q] span of the token (its <CL>/<CR> too), -1 outside spans
+    span_index: np.ndarray   # [q] span of the token (its <CR> too), -1 outside spans
     close_at: np.ndarray     # [q] chunk index of the <CR> closing the token's span, NEVER if none
     slots: np.ndarray        # [q] physical slot the token's KV is written to, -1 if never stored
+    cl_positions: np.ndarray # [closings] logical position of each compacted span's `<CL>`, in `<CR>` order
     move_from: np.ndarray    # [v] cached slots whose tokens this chunk's compactions shift left (W > 0)
     move_to: np.ndarray      # [v] their slots after the chunk
 
@@ -44,7 +49,7 @@ class ChunkPlan:
 
     @property
     def num_closings(self) -> int:
-        return (self.num_tokens - self.num_real) // 2
+        return self.num_tokens - self.num_real
 
     @property
     def is_plain(self) -> bool:
@@ -97,9 +102,9 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
     closing[layout.close_token(closed_spans) - c] = True
     num_closings = closed_spans.size
 
-    # Each real token moves right by two (<CL>, <CR>) for every compaction earlier in the chunk.
-    real_at = (t - c) + 2 * (np.cumsum(closing) - closing)
-    q = k + 2 * num_closings
+    # Each real token moves right by one (a <CR>) for every compaction earlier in the chunk.
+    real_at = (t - c) + (np.cumsum(closing) - closing)
+    q = k + num_closings
     kinds = np.full(q, REAL, dtype=np.int64)
     positions = np.empty(q, dtype=np.int64)
     real_index = np.full(q, -1, dtype=np.int64)
@@ -112,12 +117,11 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
     span_index[real_at] = span
     slots[real_at] = np.where(closes_here, -1, layout.slot_of(t, c + k))
 
-    cl_at, cr_at = real_at[closing] + 1, real_at[closing] + 2
-    kinds[cl_at], kinds[cr_at] = CL, CR
-    positions[cl_at] = np.maximum(layout.span_start(closed_spans) - 1, 0)
+    cr_at = real_at[closing] + 1
+    kinds[cr_at] = CR
     positions[cr_at] = layout.span_last(closed_spans)
-    span_index[cl_at] = span_index[cr_at] = closed_spans
-    close_at[cl_at] = close_at[cr_at] = cr_at
+    span_index[cr_at] = closed_spans
+    close_at[cr_at] = cr_at
     slots[cr_at] = layout.base(closed_spans)
     if num_closings:
         which = np.searchsorted(closed_spans, span[closes_here])
@@ -125,7 +129,7 @@ def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
 
     move_from, move_to = layout.moves(c, k)
     return ChunkPlan(layout, c, k, layout.physical_len(c), kinds, positions, real_index, span_index,
-                     close_at, slots, move_from, move_to)
+                     close_at, slots, np.maximum(layout.span_start(closed_spans) - 1, 0), move_from, move_to)
 
 
 @dataclass
@@ -146,7 +150,8 @@ class StepPlan:
     query_start: np.ndarray     # [R + 1] expanded offsets (query_start_loc)
     positions: np.ndarray       # [N] logical positions
     physical_slots: np.ndarray  # [N] physical slot per token (-1: not stored)
-    kinds: np.ndarray           # [N] REAL / CL / CR
+    kinds: np.ndarray           # [N] REAL / CR
+    cl_positions: np.ndarray    # [C] logical position of the `<CL>` of each `<CR>`, in batch order
     logits_rows: np.ndarray     # [R] expanded index of each request's last real token
     real_rows: np.ndarray       # [sum k] expanded indices of all real tokens, in order
 
@@ -186,26 +191,25 @@ class StepPlan:
         closing = on[req] & (since_first >= 0) & (since_first % P == 0)
         closing_span = since_first // P
 
-        real_at = np.arange(num_total) + 2 * (np.cumsum(closing) - closing)
-        n = num_total + 2 * int(closing.sum())
+        real_at = np.arange(num_total) + (np.cumsum(closing) - closing)
+        n = num_total + int(closing.sum())
         kinds = np.full(n, REAL, dtype=np.int64)
         positions = np.empty(n, dtype=np.int64)
         slots = np.full(n, -1, dtype=np.int64)
         live_slot = t - (L - 1) * np.minimum(compacted(end), ended(t))
         positions[real_at] = t
         slots[real_at] = np.where(closes_here, -1, live_slot)
-        cl_at = real_at[closing] + 1
-        cr_at = cl_at + 1
+        cr_at = real_at[closing] + 1
         mc = closing_span[closing]
-        kinds[cl_at], kinds[cr_at] = CL, CR
-        positions[cl_at] = np.maximum(S[closing] + mc * P[closing] - 1, 0)
+        kinds[cr_at] = CR
         positions[cr_at] = S[closing] + mc * P[closing] + L[closing] - 1
         slots[cr_at] = S[closing] + mc * (G[closing] + 1)
 
         query_start = np.append(real_at[first], n)
         return cls(layouts, c, k, np.bincount(req[closing], minlength=len(layouts)),
                    np.array([layout.physical_len(int(x)) for layout, x in zip(layouts, c)], dtype=np.int64),
-                   query_start, positions, slots, kinds, real_at[first + k - 1], real_at)
+                   query_start, positions, slots, kinds, np.maximum(S[closing] + mc * P[closing] - 1, 0),
+                   real_at[first + k - 1], real_at)
 
     def chunk(self, row: int) -> ChunkPlan:
         return plan_chunk(self.layouts[row], int(self.computed[row]), int(self.num_real[row]))

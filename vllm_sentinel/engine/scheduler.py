@@ -64,7 +64,7 @@ class SentinelScheduler(Scheduler):
                     self.counted_upto[req_id] = end
         stats = self.sentinel_stats
         stats.spans_closed += closed
-        stats.sentinel_tokens += 2 * closed
+        stats.sentinel_tokens += closed
         stats.peak_running = max(stats.peak_running, len(self.running))
         return output
 
