@@ -26,9 +26,24 @@ def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_mo
     assert sentinel["peak_running"] == kv_bound["workload"]["num_prompts"]
     assert kv_bound["kv_slots_vs_ideal"]["ratio"] <= 1.25
     assert sentinel["sentinel_tokens"] == sentinel["spans_closed"] > 0 and stock["sentinel_tokens"] == 0
+    # the machine's limit, in the same run: stock with an ample pool
+    assert kv_bound["runs"]["stock-ample"]["preemptions"] == 0
+    assert kv_bound["ratios_vs_ample"]["output_tokens_per_s"] > 0 and "stock (ample pool)" in result.stdout
     assert [r["workload"]["span"] for r in report["span_sweep"]] == [4, 16]
     assert "stock" in report["span_sweep"][0]["runs"]
     assert (tmp_path / f"bench-{label}.png").stat().st_size > 10_000
+
+
+def test_long_prompts_run_each_engine_in_its_own_process_and_measure_it(tmp_path):
+    result = subprocess.run([CLI, "bench", "--quick", "--workloads", "long-prompt", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [row] = json.loads((tmp_path / "bench-long-prompt.json").read_text())
+    assert row["length"] == 512 and row["span"] == 8
+    for backend in ("stock", "sentinel"):
+        # a process tree running an engine holds far more than a gigabyte; the sampler saw it
+        assert row[backend]["ttft_s"] > 0 and row[backend]["peak_rss_gib"] > 0.5
+    assert "[long-prompt] one prompt of 512 tokens, span 8" in result.stdout
 
 
 def test_bench_serve_drives_vllm_bench_serve_against_both_servers(sentinel_model_dir, tmp_path):

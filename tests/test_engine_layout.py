@@ -28,6 +28,9 @@ def assert_stable_prefix(chunk, seen):
     real = torch.from_numpy(chunk.kinds == REAL)
     assert bool(seen[real, :stable].all()) and not bool(seen[~real, :stable].any())
     assert torch.equal(chunk.visibility(stable), seen[:, stable:])
+    q = chunk.num_tokens  # one piece's rows at a time, as the backend asks, are the same rows
+    a, b = q // 3, max(q // 3 + 1, 2 * q // 3)
+    assert torch.equal(chunk.visibility(stable, rows=(a, b)), seen[a:b, stable: chunk.cached_len + b])
     touched = np.concatenate([chunk.slots[chunk.slots >= 0], chunk.move_from, chunk.move_to])
     assert (touched >= stable).all()
     assert chunk.cached_len - stable <= chunk.layout.span + chunk.layout.window + chunk.layout.gap

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from vllm_sentinel.corpus import DEFAULT_CORPUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

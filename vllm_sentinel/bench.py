@@ -305,13 +305,11 @@ def realistic_dummy_model(out_dir: str | Path, schedule: ScheduleConfig = Schedu
 # (prompt length, span override): the default schedule at 16k and 32k, and spans of 8 at 32k, where a
 # chunk holds the most pieces.
 LONG_PROMPTS = [(16384, None), (32768, None), (32768, 8)]
-QUICK_LONG_PROMPTS = [(1024, None), (1024, 8)]
+QUICK_LONG_PROMPTS = [(512, 8)]
 
 
 def _long_prompt_child(spec: dict) -> dict:
-    """In a fresh process: one engine, one prompt, one output token; time to first token and peak RSS."""
-    import resource
-
+    """In a fresh process: one engine, one prompt, one output token; time to first token."""
     from vllm import LLM, SamplingParams
 
     length, span = spec["length"], spec["span"]
@@ -328,15 +326,35 @@ def _long_prompt_child(spec: dict) -> dict:
     llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     ttft = time.perf_counter() - started
     llm.llm_engine.engine_core.shutdown()
-    del llm
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"ttft_s": ttft, "peak_rss_gib": peak_kib / (1 << 20)}
+    return {"ttft_s": ttft}
+
+
+def _run_measuring_tree_rss(command: list[str]) -> tuple[int, str, str, float]:
+    """Run `command`, sampling the summed RSS of it and all its descendants (EngineCore is one):
+    (return code, stdout, stderr, peak GiB)."""
+    import subprocess
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), peak / (1 << 30)
 
 
 def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
     """Stock and sentinel on single long prompts (default `max_num_batched_tokens`), each engine in
     its own process; a realistic-shape dummy model with room for 32k positions."""
-    import subprocess
     import sys
 
     cases = QUICK_LONG_PROMPTS if quick else LONG_PROMPTS
@@ -352,11 +370,11 @@ def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
                     "vocab": config["vocab_size"], "avoid": avoid}
             code = ("import json, sys; from vllm_sentinel.bench import _long_prompt_child; "
                     "print('RESULT ' + json.dumps(_long_prompt_child(json.loads(sys.argv[1]))))")
-            done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                raise RuntimeError(f"long-prompt {backend} at {length} tokens failed:\n{done.stderr[-3000:]}")
-            row[backend] = json.loads(lines[-1][len("RESULT "):])
+            code_, stdout, stderr, peak = _run_measuring_tree_rss([sys.executable, "-c", code, json.dumps(spec)])
+            lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+            if code_ != 0 or not lines:
+                raise RuntimeError(f"long-prompt {backend} at {length} tokens failed:\n{stderr[-3000:]}")
+            row[backend] = {**json.loads(lines[-1][len("RESULT "):]), "peak_rss_gib": peak}
         row["ttft_ratio"] = row["sentinel"]["ttft_s"] / row["stock"]["ttft_s"]
         row["rss_ratio"] = row["sentinel"]["peak_rss_gib"] / row["stock"]["peak_rss_gib"]
         print(format_long_prompt(row), flush=True)

@@ -17,7 +17,8 @@ Every request's chunk is either
   With a recent window (W > 0) the raw tokens cached after a compacted span are moved left into
   the slots it gave up, from the same pre-write read (layout.py).
 
-Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: at most
+Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: the
+visibility of one piece at a time, at most
 `SCORE_BUDGET` attention scores per tile or group (plus one block-row of scores when a chunk's
 real tokens times the query heads exceed it), the volatile tails (L + W slots per masked request),
 and one tile of keys and values.
@@ -76,7 +77,7 @@ PADDING_ALLOWANCE = 1.5
 
 
 # Attention scores (query x key x head) one tile or group may hold: what bounds the masked path's memory.
-SCORE_BUDGET = 1 << 23
+SCORE_BUDGET = 1 << 22
 
 
 def group_by_size(sizes: list[tuple[int, int]], max_padded: int | None = None) -> list[list[int]]:
@@ -117,14 +118,14 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
     `<CL>` key of its first `<CR>` (each `<CR>` closes a piece and sees its `<CL>`, a constant)."""
     stable = chunk.stable_len
     volatile = chunk.cached_len - stable
-    seen = chunk.visibility(stable)
     ends = (torch.from_numpy(chunk.kinds) == CR).nonzero().squeeze(1) + 1
     bounds = [0, *ends.tolist()] + ([chunk.num_tokens] if not ends.numel() or ends[-1] < chunk.num_tokens else [])
     pieces = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        columns = seen[a:b].any(0).nonzero().squeeze(1)
+        seen = chunk.visibility(stable, rows=(a, b))  # one piece at a time: never the chunk's full square
+        columns = seen.any(0).nonzero().squeeze(1)
         keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
-        visible = seen[a:b][:, columns]
+        visible = seen[:, columns]
         if chunk.kinds[b - 1] == CR:
             keys = torch.cat([keys, torch.tensor([cl_offset])])
             cl_column = torch.zeros((b - a, 1), dtype=torch.bool)

@@ -70,9 +70,9 @@ class ChunkPlan:
             return self.cached_len
         return min(self.cached_len, int(self.layout.base(self.layout.num_closed(self.computed))))
 
-    def visibility(self, first_cached: int = 0) -> torch.Tensor:
-        """`[q, p(c) - first_cached + q]` bool: which cached slots (from `first_cached` on) and chunk
-        tokens each chunk token attends to.
+    def visibility(self, first_cached: int = 0, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """`[b - a, p(c) - first_cached + b]` bool: which cached slots (from `first_cached` on) and
+        chunk tokens the chunk's tokens a..b-1 (default: all) attend to.
 
         The cached prefix is the physical cache in slot order. Everything in it is visible to
         real tokens except the open span's tokens once that span's `<CR>` has gone by in this
@@ -86,8 +86,10 @@ class ChunkPlan:
         crs = np.flatnonzero(self.kinds == CR)
         for cr in crs:
             close[:cached][spans[:cached] == self.span_index[cr]] = cached + cr
-        return attention_mask(torch.from_numpy(kinds), torch.from_numpy(spans), torch.from_numpy(close),
-                              first_query=cached)
+        a, b = rows if rows is not None else (0, self.num_tokens)
+        end = cached + b  # keys after the last row are never visible to it
+        return attention_mask(torch.from_numpy(kinds[:end]), torch.from_numpy(spans[:end]),
+                              torch.from_numpy(close[:end]), first_query=cached + a)
 
 
 def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
