@@ -107,6 +107,10 @@ class Segment:
     visible: torch.Tensor     # [q, k] bool
 
 
+# Rows of a masked chunk whose visibility is built at once (a band of VISIBILITY_ROWS x chunk length bools).
+VISIBILITY_ROWS = 256
+
+
 def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
              cl_offset: int) -> list[Segment]:
     """A masked chunk cut after each `<CR>`. Every token of a piece sees the stable prefix (attended
@@ -121,8 +125,12 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
     ends = (torch.from_numpy(chunk.kinds) == CR).nonzero().squeeze(1) + 1
     bounds = [0, *ends.tolist()] + ([chunk.num_tokens] if not ends.numel() or ends[-1] < chunk.num_tokens else [])
     pieces = []
+    block, block_rows = None, (0, 0)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        seen = chunk.visibility(stable, rows=(a, b))  # one piece at a time: never the chunk's full square
+        if b > block_rows[1]:  # visibility in bands of rows: never the chunk's full square, few calls
+            block_rows = (a, min(chunk.num_tokens, max(b, a + VISIBILITY_ROWS)))
+            block = chunk.visibility(stable, rows=block_rows)
+        seen = block[a - block_rows[0]: b - block_rows[0], : volatile + b]
         columns = seen.any(0).nonzero().squeeze(1)
         keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
         visible = seen[:, columns]
