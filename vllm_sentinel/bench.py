@@ -79,7 +79,7 @@ def random_prompts(count: int, length: int, vocab: int, avoid: tuple[int, ...], 
     return prompts.tolist()
 
 
-def engine_kwargs(workload: Workload, model_config: dict, dtype: str, load_format: str, enforce_eager: bool) -> dict:
+def engine_kwargs(workload: Workload, dtype: str, load_format: str, enforce_eager: bool) -> dict:
     length = workload.input_len + workload.output_len
     # "Ample" is every request fully uncompressed, with room to spare; a budget is a KV pool of
     # the given size. Either way the pool is allocated to that size, not to all of memory.
@@ -135,8 +135,8 @@ def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=
     sentinel = SentinelConfig.load(model_dir)
     first = workloads[0]
     prompts = random_prompts(first.num_prompts, first.input_len, config["vocab_size"], sentinel.sentinel_ids)
-    engine_settings = engine_kwargs(first, config, **settings)
-    ample_settings = engine_kwargs(replace(first, kv_budget_requests=None), config, **settings)
+    engine_settings = engine_kwargs(first, **settings)
+    ample_settings = engine_kwargs(replace(first, kv_budget_requests=None), **settings)
     runs = {}
     for backend in backends:
         if backend == "stock" and first.kv_budget_requests is not None and len(workloads) == 1:
@@ -313,9 +313,9 @@ def _long_prompt_child(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     length, span = spec["length"], spec["span"]
-    kwargs = {"dtype": "bfloat16", "load_format": "dummy", "enforce_eager": True, "block_size": BLOCK_SIZE,
-              "max_model_len": length + 16, "seed": 0, "kv_cache_memory_bytes": 8 << 30,
-              "num_gpu_blocks_override": cdiv(length + 16, BLOCK_SIZE) + 1}
+    # a pool of exactly one uncompressed request: the prompt and its output token fit stock too
+    workload = Workload("long-prompt", 1, length, 16, kv_budget_requests=1.0)
+    kwargs = engine_kwargs(workload, dtype="bfloat16", load_format="dummy", enforce_eager=True)
     if spec["backend"] == "sentinel":
         kwargs["attention_backend"] = "sentinel"
     llm = LLM(model=spec["model"], **kwargs)
@@ -370,9 +370,9 @@ def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
                     "vocab": config["vocab_size"], "avoid": avoid}
             code = ("import json, sys; from vllm_sentinel.bench import _long_prompt_child; "
                     "print('RESULT ' + json.dumps(_long_prompt_child(json.loads(sys.argv[1]))))")
-            code_, stdout, stderr, peak = _run_measuring_tree_rss([sys.executable, "-c", code, json.dumps(spec)])
+            returncode, stdout, stderr, peak = _run_measuring_tree_rss([sys.executable, "-c", code, json.dumps(spec)])
             lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-            if code_ != 0 or not lines:
+            if returncode != 0 or not lines:
                 raise RuntimeError(f"long-prompt {backend} at {length} tokens failed:\n{stderr[-3000:]}")
             row[backend] = {**json.loads(lines[-1][len("RESULT "):]), "peak_rss_gib": peak}
         row["ttft_ratio"] = row["sentinel"]["ttft_s"] / row["stock"]["ttft_s"]

@@ -5,8 +5,9 @@ Every request's chunk is either
   and its tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs
   unchanged, with physical sequence lengths and slots;
 - *masked* (a span is compacted): a `<CR>` is in the chunk (seeing its `<CL>` as a constant key
-  and value the model runner supplies), and tokens after a `<CR>` must no longer see its span. Its rows never go through the kernel (the kernel gets the plain
-  requests only); they are attended once, in torch, in two parts merged by log-sum-exp:
+  and value the model runner supplies), and tokens after a `<CR>` must no longer see its span.
+  Its rows never go through the kernel (the kernel gets the plain requests only); they are
+  attended once, in torch, in two parts merged by log-sum-exp:
   - the *stable* prefix (the sink, the compacted `<CR>`s and gaps: `ChunkPlan.stable_len`), seen
     whole by every real token and by no sentinel: read straight from the paged cache in tiles of
     whole blocks, no mask;
@@ -18,8 +19,7 @@ Every request's chunk is either
   the slots it gave up, from the same pre-write read (layout.py).
 
 Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: the
-visibility of one piece at a time, at most
-`SCORE_BUDGET` attention scores per tile or group (plus one block-row of scores when a chunk's
+visibility of a band of rows at a time, at most `SCORE_BUDGET` attention scores per tile or group (plus one block-row of scores when a chunk's
 real tokens times the query heads exceed it), the volatile tails (L + W slots per masked request),
 and one tile of keys and values.
 
@@ -32,16 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-
 import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
 from ..masks import CR, REAL
-from .layout import cdiv
 from .kv_cache_manager import SentinelAttentionSpec
-
+from .layout import cdiv
 
 
 class SentinelAttentionBackend(CPUAttentionBackend):
@@ -168,6 +166,11 @@ def pad_group(pieces: list[Segment], device) -> MaskedGroup:
     return MaskedGroup(query_rows.to(device), keys.to(device), visible.to(device))
 
 
+def token_rows(query_start: np.ndarray, requests) -> torch.Tensor:
+    """Batch rows of the given requests' tokens, in order."""
+    return torch.from_numpy(np.concatenate([np.arange(query_start[r], query_start[r + 1]) for r in requests]))
+
+
 @dataclass
 class StablePrefix:
     """A masked request's stable prefix and the rows that see it: its real tokens."""
@@ -220,7 +223,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         plain_requests = np.flatnonzero(plan.num_closings == 0)
         kernel, plain_rows = None, None
         if plain_requests.size:
-            plain_rows = torch.from_numpy(np.concatenate([np.arange(starts[r], starts[r + 1]) for r in plain_requests]))
+            plain_rows = token_rows(starts, plain_requests)
             kernel = super().build(common_prefix_len, self._subset(cm, plain_requests, plain_rows), fast_build)
             plain_rows = plain_rows.to(device)
 
@@ -248,7 +251,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 move_slots.append(table[row, target // bs] * bs + target % bs)
             offset += chunk.cached_len - stable_len
             first_row += chunk.num_tokens
-        masked_rows = torch.from_numpy(np.concatenate([np.arange(starts[r], starts[r + 1]) for r in masked_requests]))
+        masked_rows = token_rows(starts, masked_requests)
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)
         none = torch.zeros(0, dtype=torch.long)
@@ -320,7 +323,6 @@ class PagedKVReader:
         keys = flat[blocks, self.k_index.to(slots.device)[offsets]]
         values = flat[blocks, self.v_index.to(slots.device)[offsets]]
         return keys, values
-
 
     def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of whole blocks, slot by slot, as `[len(blocks) * block_size, num_kv_heads, head_size]`
@@ -406,9 +408,9 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         q[:rows] = query[meta.masked_rows].view(rows, kv_heads, per_kv, dim).float() * self.scale
         state = OnlineSoftmax(rows + 1, kv_heads, per_kv, dim, query.device)
         reader = self._reader(layer, kv_cache) if meta.stable else None
+        block_size = reader.block_size if reader else 0
         for prefix in meta.stable:
             queries = q[prefix.rows].unsqueeze(0)
-            block_size = reader.block_size
             per_tile = max(1, SCORE_BUDGET // (prefix.rows.numel() * heads * block_size))
             for first in range(0, prefix.blocks.numel(), per_tile):
                 k, v = reader.read_blocks(kv_cache, prefix.blocks[first: first + per_tile])

@@ -69,9 +69,9 @@ class SentinelModelRunnerMixin:
 
         inner = self.model.model
         layers = [module for module in inner.modules() if isinstance(module, Attention)]
-        ropes = {id(module): module for module in inner.modules() if isinstance(module, RotaryEmbeddingBase)}
-        if not layers or len(ropes) != 1 and len({(type(r), r.head_size, r.rotary_dim, r.is_neox_style,
-                                                    r.cos_sin_cache.data_ptr()) for r in ropes.values()}) != 1:
+        ropes = [module for module in inner.modules() if isinstance(module, RotaryEmbeddingBase)]
+        rotations = {(type(r), r.head_size, r.rotary_dim, r.is_neox_style, r.cos_sin_cache.data_ptr()) for r in ropes}
+        if not layers or len(rotations) != 1:
             raise NotImplementedError(
                 f"the sentinel backend needs a decoder whose attention layers share one rotary embedding "
                 f"(Llama family); {type(self.model).__name__} has {len(layers)} attention layers and "
@@ -100,7 +100,7 @@ class SentinelModelRunnerMixin:
         names = [attn.layer_name for attn in layers]
         keys = torch.stack([recorded[name][0] for name in names])
         values = torch.stack([recorded[name][1] for name in names])
-        return {name: i for i, name in enumerate(names)}, keys, values, next(iter(ropes.values()))
+        return {name: i for i, name in enumerate(names)}, keys, values, ropes[0]
 
     def _cl_kv(self, positions: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every layer's `<CL>` key (rotated to each position) and value, `[len(positions), kv_heads, head_size]`."""
