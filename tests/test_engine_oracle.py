@@ -85,11 +85,6 @@ def test_sentinels_never_surface_and_do_not_count_as_output(engines, sentinel_mo
         assert "<CL>" not in completion.text and "<CR>" not in completion.text
 
 
-def test_prefix_caching_is_turned_off(engines):
-    for llm, _ in engines.values():
-        assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
-
-
 def test_a_prompt_holding_a_sentinel_id_is_refused_and_the_engine_serves_on(engines):
     llm, _ = engines["chunked"]
     with pytest.raises(VLLMValidationError, match="sentinel token <CR> .* may not appear in prompt_token_ids"):

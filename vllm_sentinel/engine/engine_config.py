@@ -96,10 +96,6 @@ def configure(vllm_config) -> EngineSettings:
     vllm_config.parallel_config.worker_cls = WORKER_PATHS[vllm_config.device_config.device_type]
     scheduler.scheduler_cls = SCHEDULER_PATH
     scheduler.async_scheduling = False  # the worker plans from the pre-step computed-token counts
-    if cache.enable_prefix_caching:
-        logger.warning("sentinel: prefix caching is off. Block hashes chain logical tokens, while "
-                       "compacted blocks hold physical KV, so a cache hit would reuse the wrong KV.")
-        cache.enable_prefix_caching = False
 
     # The scheduler budgets real tokens; the worker adds a <CR> per compacted span. A step of
     # B real tokens over R requests compacts at most B / 2 + R spans (span >= 2), so reserve room.

@@ -13,6 +13,10 @@ span closes. `SentinelAttentionManager` therefore
 Blocks are popped, not replaced by the null block as the sliding-window manager does: list
 index i always holds physical slots [i * block_size, (i + 1) * block_size), so the next
 allocation appends at the right index and the worker can mirror the trim from c alone.
+
+With prefix caching on, it also hashes, caches and finds *physical* blocks (prefix_cache.py):
+a hit resumes a request at a real-token count whose physical length ends on the hit's last
+block; final blocks are shared, tail blocks are copied on write.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from .layout import KVLayout, cdiv
+from .prefix_cache import PhysicalBlockHashes, first_copied_block, longest_hit
 
 UNCOMPRESSED = KVLayout(None)
 
@@ -39,6 +44,13 @@ class SentinelAttentionManager(FullAttentionManager):
         # request id -> layout; the scheduler shares its own dict here (`attach`).
         self.layouts: dict[str, KVLayout] = {}
         self.num_blocks_freed = 0
+        # Prefix caching (set by the scheduler when it is on): the hash function and, per request,
+        # its physical hash chains, the real tokens of its hit, and the hit blocks to copy on write.
+        self.hash_fn = None
+        self.hashes: dict[str, PhysicalBlockHashes] = {}
+        self.hit_tokens: dict[str, int] = {}
+        self.pending_copies: dict[str, range] = {}
+        self.step_start: dict[str, int] = {}  # computed tokens at the allocation in progress
 
     def attach(self, layouts: dict[str, KVLayout]) -> None:
         self.layouts = layouts
@@ -51,29 +63,152 @@ class SentinelAttentionManager(FullAttentionManager):
         layout = self._layout(request_id)
         blocks = self.req_to_blocks.get(request_id)
         if blocks:
-            # Running (no prefix hits without prefix caching): this step reads below p(c) and
-            # writes below p(c + k).
+            # Running: this step reads below p(c) and writes below p(c + k); with prefix caching a
+            # compacting step also moves its tail into fresh blocks (see `allocate_new_blocks`).
             slots = max(layout.physical_len(total_computed_tokens), layout.physical_len(num_tokens))
-            return max(cdiv(slots, self.block_size) - len(blocks), 0)
-        # Admission (or the full-sequence check): chunks to come may stop at any n' <= n.
-        return super().get_num_blocks_to_allocate(request_id, layout.peak_physical_len(num_tokens),
-                                                  new_computed_blocks, total_computed_tokens, *args, **kwargs)
+            copies = len(self._tail_to_copy(request_id, total_computed_tokens, num_tokens))
+            return max(cdiv(slots, self.block_size) - len(blocks), 0) + copies
+        # Admission (or the full-sequence check): chunks to come may stop at any n' <= n; a hit's
+        # tail blocks each take a fresh block for their copy.
+        copies = 0
+        if new_computed_blocks:
+            copies = len(new_computed_blocks) - first_copied_block(layout, total_computed_tokens, self.block_size)
+        return copies + super().get_num_blocks_to_allocate(
+            request_id, layout.peak_physical_len(num_tokens), new_computed_blocks, total_computed_tokens,
+            *args, **kwargs)
+
+    def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens: int) -> bool:
+        # vLLM's partial-block hit compares a token count with the block size; ours counts real
+        # tokens, and a hit always ends on a whole physical block.
+        return False
+
+    def add_local_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
+                                  num_external_computed_tokens: int) -> None:
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          num_external_computed_tokens)
+        if new_computed_blocks:
+            first_copy = first_copied_block(self._layout(request_id), num_local_computed_tokens, self.block_size)
+            self.hit_tokens[request_id] = num_local_computed_tokens
+            self.pending_copies[request_id] = range(first_copy, len(new_computed_blocks))
+            self.num_cached_block[request_id] = first_copy  # the copies are cached once written
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        copy = self.pending_copies.pop(request_id, None)  # a hit's tail, at admission
+        if copy is None and request_id in self.step_start:
+            # A running request about to compact: its tail keeps the state before this step, as a
+            # snapshot later requests (the next turn of a conversation) can hit, and the request
+            # goes on in copies. Cache that state first, while the table still holds it.
+            start = self.step_start.pop(request_id)
+            copy = self._tail_to_copy(request_id, start, num_tokens)
+            if copy and request_id in self.hashes:
+                self._cache_state(request_id, start)
+        copied = []
+        for index in copy or ():
+            # vLLM's copy-on-write: the worker copies source -> copy before this step's forward.
+            [fresh] = self.block_pool.get_new_blocks(1)
+            self._apply_cow(request_id, index, self.req_to_blocks[request_id][index], fresh)
+            if self._record_new_block_ids:
+                self.new_block_ids.append(fresh.block_id)
+            copied.append(fresh)
+        if copy:
+            self.num_cached_block[request_id] = min(self.num_cached_block.get(request_id, 0), copy.start)
         slots = self._layout(request_id).physical_len(num_tokens)
-        return super().allocate_new_blocks(request_id, slots, slots)
+        return copied + super().allocate_new_blocks(request_id, slots, slots)
+
+    def _tail_to_copy(self, request_id: str, computed: int, end: int) -> range:
+        """Blocks a running step [computed, end) moves into fresh ones: with prefix caching, its
+        tail when the step compacts. The worker mirrors it (`tail_moved_at`)."""
+        if self.hash_fn is None:
+            return range(0)
+        return tail_moved_at(self._layout(request_id), computed, end, self.block_size,
+                             len(self.req_to_blocks.get(request_id, ())))
+
+    # -- prefix caching -------------------------------------------------------------------------
+    def enable_physical_prefix_caching(self, hash_fn) -> None:
+        self.hash_fn = hash_fn
+
+    def _hashes(self, request) -> PhysicalBlockHashes:
+        hashes = self.hashes.get(request.request_id)
+        if hashes is None:
+            salt = ((("cache_salt", request.cache_salt),) if request.cache_salt else ())
+            if request.lora_request is not None:
+                salt += (("lora", request.lora_request.lora_name),)
+            hashes = PhysicalBlockHashes(self._layout(request.request_id), self.block_size, self.hash_fn,
+                                         request.all_token_ids, salt)
+            self.hashes[request.request_id] = hashes
+        return hashes
+
+    def find_physical_hit(self, request, max_tokens: int) -> tuple[int, list]:
+        """(real tokens, blocks) of the longest cached state of this request's tokens."""
+        group = [self.kv_cache_group_id]
+
+        def lookup(block_hash):
+            cached = self.block_pool.get_cached_block(block_hash, group)
+            return cached[0] if cached else None
+
+        return longest_hit(self._hashes(request), max_tokens, lookup)
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        """Cache the full blocks of the state *before* this step: already written, so a copy made
+        at a later step's start never reads a slot that a step is still writing."""
+        if self.hash_fn is None or not self.kv_cache_spec.prefix_cacheable:
+            return
+        request_id = request.request_id
+        hashes = self._hashes(request)
+        written = request.num_computed_tokens
+        # Skipped by the step that admits a hit (its copies are made at the step's start) and by a
+        # step that compacts: `allocate_new_blocks` cached its state before moving the tail, and
+        # the copies now in the table are rewritten by this very step.
+        if written >= self.hit_tokens.get(request_id, 0) and \
+                hashes.layout.num_closed(num_tokens) == hashes.layout.num_closed(written):
+            self._cache_state(request_id, written)
+        self.num_cached_block.setdefault(request_id, 0)
+
+    def _cache_state(self, request_id: str, computed: int) -> None:
+        hashes, blocks = self.hashes[request_id], self.req_to_blocks.get(request_id, [])
+        cached = self.num_cached_block.get(request_id, 0)
+        state = hashes.state_hashes(computed)
+        hashes.forget_tails_before(hashes.layout.num_closed(computed))
+        full = min(len(state), len(blocks))
+        if full > cached:
+            self.block_pool.cache_full_blocks(request=_Hashed(state), blocks=blocks, num_cached_blocks=cached,
+                                              num_full_blocks=full, block_size=self.block_size,
+                                              kv_cache_group_id=self.kv_cache_group_id)
+            self.num_cached_block[request_id] = full
+
+    def pop_blocks_for_free(self, request_id: str):
+        for table in (self.hashes, self.hit_tokens, self.pending_copies, self.step_start):
+            table.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
+        self.step_start[request_id] = processed_computed_tokens  # for this allocation's tail copy
         keep = cdiv(self._layout(request_id).physical_len(processed_computed_tokens), self.block_size)
         if len(blocks) > keep:
             freed = blocks[keep:]
             del blocks[keep:]
             self.block_pool.free_blocks(reversed(freed))
             self.num_blocks_freed += len(freed)
+
+
+class _Hashed:
+    """What `BlockPool.cache_full_blocks` reads of a request (its block hashes), for physical blocks."""
+
+    def __init__(self, block_hashes):
+        self.block_hashes = block_hashes
+
+
+def tail_moved_at(layout: KVLayout, computed: int, end: int, block_size: int, num_blocks: int) -> range:
+    """With prefix caching, the blocks that a step [computed, end) which compacts moves into fresh
+    blocks: those from the one holding base(k) on, whose cached state stays behind as a snapshot.
+    A pure function of the counts, so the worker drops the same blocks before the new ids arrive."""
+    if not layout.compresses or layout.num_closed(end) == layout.num_closed(computed):
+        return range(0)
+    return range(layout.base(layout.num_closed(computed)) // block_size, num_blocks)
 
 
 def kept_blocks(layout: KVLayout, num_computed_tokens: int, block_size: int) -> int:

@@ -153,6 +153,31 @@ class KVLayout:
         moved = old != new
         return old[moved], new[moved]
 
+    # -- what prefix caching may share (engine/prefix_cache.py) ----------------------------------
+    def final_len(self, n: int) -> int:
+        """Slots of the state after `n` tokens that no later step rewrites: the sink, the compacted
+        `<CR>`s and gaps. From `base(k(n))` on, the next compaction writes a `<CR>` or moves tokens."""
+        if not self.compresses:
+            return n
+        return min(self.physical_len(n), self.base(self.num_closed(n)))
+
+    def final_tokens(self, slots: int) -> int:
+        """Real tokens that the first `slots` final slots stand for (each `<CR>` for its whole span)."""
+        if not self.compresses or slots <= self.sink:
+            return slots
+        m, r = divmod(slots - self.sink, self.gap + 1)
+        return self.span_start(m) + (self.span + r - 1 if r else 0)
+
+    def tokens_in_slots(self, slots: int, version: int) -> int:
+        """Real tokens that the first `slots` slots stand for in a state with `version` compactions:
+        final slots below `base(version)`, one raw token per slot from there."""
+        if not self.compresses:
+            return slots
+        first_raw = self.base(version)
+        if slots > first_raw:
+            return self.span_start(version) + slots - first_raw
+        return self.final_tokens(slots)
+
     def max_blocks(self, n: int, block_size: int) -> int:
         """The per-request block bound promised to users, for n real tokens."""
         if not self.compresses:

@@ -5,7 +5,9 @@ max_model_len never see a sentinel. The scheduler
 - decides each request's layout on arrival (its schedule, or none) and shares the table with the
   `SentinelAttentionManager`s, which size and trim blocks by physical length;
 - counts the spans each step closes (the worker computes their <CL>/<CR> in that same step);
-- reports the counters through `SchedulerStats` (see metrics.py).
+- reports the counters through `SchedulerStats` (see metrics.py);
+- looks prefix-cache hits up over physical blocks (prefix_cache.py), so vLLM's hit accounting,
+  metrics and copy-on-write carry them as they carry stock hits.
 """
 from __future__ import annotations
 
@@ -35,9 +37,31 @@ class SentinelScheduler(Scheduler):
                                "layers did not get the sentinel KV cache spec")
         for manager in self.sentinel_managers:
             manager.attach(self.layouts)
+        if self.cache_config.enable_prefix_caching:
+            self._enable_physical_prefix_caching()
         self.sentinel_stats = SentinelStats()
         logger.info("sentinel compression on: <CL>=%d <CR>=%d, default schedule %s",
                     self.sentinel.cl_token_id, self.sentinel.cr_token_id, self.sentinel.schedule)
+
+    def _enable_physical_prefix_caching(self) -> None:
+        from vllm.utils.hashing import get_hash_fn_by_name
+
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        pool = self.kv_cache_manager.block_pool
+        if len(managers) != 1 or managers[0] is not self.sentinel_managers[0] \
+                or pool.hash_block_size != managers[0].block_size:
+            raise NotImplementedError(
+                "sentinel prefix caching needs one KV cache group whose hash block size is its block size; "
+                f"this model has {len(managers)} group(s). Start the server with --no-enable-prefix-caching")
+        managers[0].enable_physical_prefix_caching(get_hash_fn_by_name(self.cache_config.prefix_caching_hash_algo))
+
+    def _get_local_prefix_cache_hit(self, request):
+        """vLLM's lookup chains logical tokens; a sentinel hit is a state over physical blocks."""
+        manager = self.kv_cache_manager
+        if not manager.prefix_cache_lookup_enabled(request):
+            return manager.empty_kv_cache_blocks, 0, 0, False
+        num_tokens, blocks = self.sentinel_managers[0].find_physical_hit(request, request.num_tokens - 1)
+        return manager.create_kv_cache_blocks((blocks,)), num_tokens, 0, False
 
     def add_request(self, request) -> None:
         # The request was checked before it got here (patches/engine_core_validation.py), so this
