@@ -69,25 +69,35 @@ def shared_state(layout: KVLayout, shared: int) -> int:
                 if layout.physical_len(n) % BLOCK_SIZE == 0 and layout.physical_len(n) <= layout.final_len(n))
 
 
-@pytest.mark.parametrize("schedule", [s for s in SCHEDULES if s[3] <= s[2]] + [None, "off"], ids=str)
+def whole_block_state(layout: KVLayout, shared: int) -> int:
+    """The most real tokens n <= shared whose state is whole blocks: where the second request
+    sharing `shared` tokens with the first stops a chunk (its junction), and the later ones resume."""
+    return next(n for n in range(shared, -1, -1) if layout.physical_len(n) % BLOCK_SIZE == 0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES + [None, "off"], ids=str)
 @pytest.mark.parametrize("engine", ["whole", "chunked"])
 def test_a_shared_system_prompt_hits_and_matches_the_oracle(engines, oracle, schedule, engine):
-    """The first request fills the cache; later ones with the same 800-token system prompt and
-    their own question resume from it and equal the oracle (schedules with W <= G, whose states
-    can be made of final blocks only; W > G: see the conversation test)."""
+    """Requests with the same 800-token system prompt and their own question. The second resumes
+    from the first's final blocks (schedules with W <= G, whose states can be made of them) and
+    stops a chunk at its junction; every later one resumes there. All equal the oracle."""
     llm = engines[engine]
     sampling = params(None if schedule == "off" else schedule)
     if schedule == "off":
         sampling.extra_args = {"sentinel": {"enabled": False}}
     schedule_config = None if schedule == "off" else ScheduleConfig(*(schedule or (4, 16, 0, 0)))
+    layout = KVLayout(schedule_config)
     system = tokens(800, seed=len(str(schedule)))
-    first, *rest = [system + tokens(random.Random(i).randint(5, 60), seed=i) for i in range(4)]
+    first, second, *rest = [system + tokens(random.Random(i).randint(5, 60), seed=i) for i in range(5)]
 
     [out] = llm.generate([{"prompt_token_ids": first}], sampling, use_tqdm=False)
     assert out.num_cached_tokens == 0
+    [out] = llm.generate([{"prompt_token_ids": second}], sampling, use_tqdm=False)
+    assert shared_state(layout, len(system)) <= out.num_cached_tokens <= len(system)
+    assert oracle.check(second, out, schedule_config) < LOGPROB_TOLERANCE
     outputs = llm.generate([{"prompt_token_ids": p} for p in rest], sampling, use_tqdm=False)
     for prompt, output in zip(rest, outputs):
-        assert shared_state(KVLayout(schedule_config), len(system)) <= output.num_cached_tokens <= len(system)
+        assert whole_block_state(layout, len(system)) <= output.num_cached_tokens <= len(system)
         assert oracle.check(prompt, output, schedule_config) < LOGPROB_TOLERANCE
 
 
@@ -120,7 +130,7 @@ def test_a_conversation_resumes_each_turn_from_the_last(engines, oracle, schedul
     """Turn t + 1 is turn t's prompt, its answer and a new message: it resumes from a state turn t
     left in the cache (with a window too: the tail blocks of each state are kept as a snapshot)."""
     llm, layout, answer = engines["chunked"], KVLayout(ScheduleConfig(*schedule)), 30
-    conversation = tokens(480, seed=7)
+    conversation, last = tokens(480, seed=7), 0
     for turn in range(4):
         [out] = run(llm, [conversation], schedule, max_tokens=answer)
         assert oracle.check(conversation, out, ScheduleConfig(*schedule)) < LOGPROB_TOLERANCE

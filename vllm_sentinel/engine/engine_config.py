@@ -77,7 +77,7 @@ def refuse_incompatible(vllm_config) -> None:
 
 def configure(vllm_config) -> EngineSettings:
     """Resolve the model's sentinel contract and switch the engine to the sentinel classes."""
-    model, cache, scheduler = vllm_config.model_config, vllm_config.cache_config, vllm_config.scheduler_config
+    model, scheduler = vllm_config.model_config, vllm_config.scheduler_config
     additional = vllm_config.additional_config
     if additional is None:
         additional = vllm_config.additional_config = {}

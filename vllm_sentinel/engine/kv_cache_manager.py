@@ -30,6 +30,9 @@ from .layout import KVLayout, cdiv
 from .prefix_cache import PhysicalBlockHashes, first_copied_block, longest_hit
 
 UNCOMPRESSED = KVLayout(None)
+# A compacting step snapshots its cached tail only if this share of the pool stays free after it:
+# snapshots are for spare memory, never a cause of preemption.
+SNAPSHOT_SPARE = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +54,7 @@ class SentinelAttentionManager(FullAttentionManager):
         self.hit_tokens: dict[str, int] = {}
         self.pending_copies: dict[str, range] = {}
         self.step_start: dict[str, int] = {}  # computed tokens at the allocation in progress
+        self.unwritten: set[int] = set()      # snapshot blocks whose copy runs with this step
 
     def attach(self, layouts: dict[str, KVLayout]) -> None:
         self.layouts = layouts
@@ -63,11 +67,9 @@ class SentinelAttentionManager(FullAttentionManager):
         layout = self._layout(request_id)
         blocks = self.req_to_blocks.get(request_id)
         if blocks:
-            # Running: this step reads below p(c) and writes below p(c + k); with prefix caching a
-            # compacting step also moves its tail into fresh blocks (see `allocate_new_blocks`).
+            # Running: this step reads below p(c) and writes below p(c + k).
             slots = max(layout.physical_len(total_computed_tokens), layout.physical_len(num_tokens))
-            copies = len(self._tail_to_copy(request_id, total_computed_tokens, num_tokens))
-            return max(cdiv(slots, self.block_size) - len(blocks), 0) + copies
+            return max(cdiv(slots, self.block_size) - len(blocks), 0)
         # Admission (or the full-sequence check): chunks to come may stop at any n' <= n; a hit's
         # tail blocks each take a fresh block for their copy.
         copies = 0
@@ -93,35 +95,53 @@ class SentinelAttentionManager(FullAttentionManager):
             self.num_cached_block[request_id] = first_copy  # the copies are cached once written
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        copy = self.pending_copies.pop(request_id, None)  # a hit's tail, at admission
-        if copy is None and request_id in self.step_start:
-            # A running request about to compact: its tail keeps the state before this step, as a
-            # snapshot later requests (the next turn of a conversation) can hit, and the request
-            # goes on in copies. Cache that state first, while the table still holds it.
-            start = self.step_start.pop(request_id)
-            copy = self._tail_to_copy(request_id, start, num_tokens)
-            if copy and request_id in self.hashes:
-                self._cache_state(request_id, start)
         copied = []
-        for index in copy or ():
-            # vLLM's copy-on-write: the worker copies source -> copy before this step's forward.
+        for index in self.pending_copies.pop(request_id, ()):
+            # A hit's tail, at admission: vLLM's copy-on-write, run by the worker before the forward.
             [fresh] = self.block_pool.get_new_blocks(1)
             self._apply_cow(request_id, index, self.req_to_blocks[request_id][index], fresh)
             if self._record_new_block_ids:
                 self.new_block_ids.append(fresh.block_id)
             copied.append(fresh)
-        if copy:
-            self.num_cached_block[request_id] = min(self.num_cached_block.get(request_id, 0), copy.start)
+        start = self.step_start.pop(request_id, None)
+        if start is not None and self.hash_fn is not None:
+            layout = self._layout(request_id)
+            if layout.num_closed(num_tokens) > layout.num_closed(start):
+                self._retire_tail(request_id, start)
         slots = self._layout(request_id).physical_len(num_tokens)
         return copied + super().allocate_new_blocks(request_id, slots, slots)
 
-    def _tail_to_copy(self, request_id: str, computed: int, end: int) -> range:
-        """Blocks a running step [computed, end) moves into fresh ones: with prefix caching, its
-        tail when the step compacts. The worker mirrors it (`tail_moved_at`)."""
-        if self.hash_fn is None:
-            return range(0)
-        return tail_moved_at(self._layout(request_id), computed, end, self.block_size,
-                             len(self.req_to_blocks.get(request_id, ())))
+    def _retire_tail(self, request_id: str, computed: int) -> None:
+        """A step from `computed` that compacts rewrites the tail blocks, so their cached state goes:
+        into a snapshot (fresh blocks outside the request's table, copied before the forward, then
+        free and cached like any block) when the pool has room to spare, else out of the cache.
+        The state is cached first: the next turn of a conversation resumes from such snapshots."""
+        if request_id not in self.hashes:
+            return
+        self._cache_state(request_id, computed)
+        hashes, blocks = self.hashes[request_id], self.req_to_blocks[request_id]
+        first = hashes.first_tail_block(hashes.layout.num_closed(computed))
+        tail = [(i, b) for i, b in enumerate(blocks[first:], first) if b.block_hash is not None]
+        self.num_cached_block[request_id] = min(self.num_cached_block.get(request_id, 0), first)
+        if not tail:
+            return
+        state = hashes.state_hashes(computed)
+        self.block_pool.evict_blocks({b.block_id for _, b in tail})
+        pool = self.block_pool
+        if pool.get_num_free_blocks() - len(tail) < SNAPSHOT_SPARE * pool.num_gpu_blocks:
+            return
+        for (index, source), snapshot in zip(tail, pool.get_new_blocks(len(tail))):
+            # vLLM's copy list and retention: both ends are freed once the copy has run.
+            source.ref_cnt += 1
+            self._pending_cow_copies.append((source, snapshot))
+            pool.cache_full_blocks(request=_Hashed([state[index]]), blocks=[snapshot], num_cached_blocks=0,
+                                   num_full_blocks=1, block_size=self.block_size,
+                                   kv_cache_group_id=self.kv_cache_group_id)
+            self.unwritten.add(snapshot.block_id)
+
+    def new_step_starts(self) -> None:
+        # Last step's copies have run.
+        self.unwritten.clear()
 
     # -- prefix caching -------------------------------------------------------------------------
     def enable_physical_prefix_caching(self, hash_fn) -> None:
@@ -144,7 +164,7 @@ class SentinelAttentionManager(FullAttentionManager):
 
         def lookup(block_hash):
             cached = self.block_pool.get_cached_block(block_hash, group)
-            return cached[0] if cached else None
+            return cached[0] if cached and cached[0].block_id not in self.unwritten else None
 
         return longest_hit(self._hashes(request), max_tokens, lookup)
 
@@ -200,15 +220,6 @@ class _Hashed:
 
     def __init__(self, block_hashes):
         self.block_hashes = block_hashes
-
-
-def tail_moved_at(layout: KVLayout, computed: int, end: int, block_size: int, num_blocks: int) -> range:
-    """With prefix caching, the blocks that a step [computed, end) which compacts moves into fresh
-    blocks: those from the one holding base(k) on, whose cached state stays behind as a snapshot.
-    A pure function of the counts, so the worker drops the same blocks before the new ids arrive."""
-    if not layout.compresses or layout.num_closed(end) == layout.num_closed(computed):
-        return range(0)
-    return range(layout.base(layout.num_closed(computed)) // block_size, num_blocks)
 
 
 def kept_blocks(layout: KVLayout, num_computed_tokens: int, block_size: int) -> int:

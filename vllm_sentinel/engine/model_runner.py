@@ -23,7 +23,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from ..masks import REAL
 from .backend import SentinelAttentionMetadataBuilder, SentinelStepState
-from .kv_cache_manager import kept_blocks, tail_moved_at
+from .kv_cache_manager import kept_blocks
 from .layout import KVLayout
 from .plan import StepPlan
 from .settings import EngineSettings
@@ -155,23 +155,15 @@ class SentinelModelRunnerMixin:
 
     def _update_states(self, scheduler_output):
         # The KV manager trimmed each running request to cdiv(p(c), block_size) blocks before
-        # allocating (and, with prefix caching, moved a compacting step's tail into fresh blocks,
-        # whose ids come first among the new ones); drop the same blocks here so the new ids land
-        # at the right index.
+        # allocating; drop the same tail here so new block ids land at the right index.
         cached = scheduler_output.scheduled_cached_reqs
-        moves_tail = self.cache_config.enable_prefix_caching
         for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:
                 continue  # a resumed request gets its whole block list anew
             state = self.requests[req_id]
             row = self.input_batch.req_id_to_index.get(req_id)
-            layout = self.sentinel_layouts[req_id]
             for block_ids, table in zip(state.block_ids, self.input_batch.block_table.block_tables):
-                keep = kept_blocks(layout, num_computed, table.block_size)
-                if moves_tail:
-                    moved = tail_moved_at(layout, num_computed, num_computed + self._sentinel_real[req_id],
-                                          table.block_size, keep)
-                    keep = min(keep, moved.start) if moved else keep
+                keep = kept_blocks(self.sentinel_layouts[req_id], num_computed, table.block_size)
                 del block_ids[keep:]
                 if row is not None:
                     table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row], keep)

@@ -7,9 +7,12 @@ max_model_len never see a sentinel. The scheduler
 - counts the spans each step closes (the worker computes their <CL>/<CR> in that same step);
 - reports the counters through `SchedulerStats` (see metrics.py);
 - looks prefix-cache hits up over physical blocks (prefix_cache.py), so vLLM's hit accounting,
-  metrics and copy-on-write carry them as they carry stock hits.
+  metrics and copy-on-write carry them as they carry stock hits, and ends a prefill chunk at the
+  *junction* where a request's prompt leaves those seen before, so that its state there is cached.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -20,6 +23,10 @@ from .metrics import SentinelStats
 from .settings import EngineSettings
 
 logger = init_logger("vllm.sentinel")
+
+# Logical block hashes of recent prompts, kept to measure how much of a new prompt was seen before
+# (at most this many, ~40 MB).
+SEEN_BLOCKS = 1 << 18
 
 
 class SentinelScheduler(Scheduler):
@@ -37,8 +44,14 @@ class SentinelScheduler(Scheduler):
                                "layers did not get the sentinel KV cache spec")
         for manager in self.sentinel_managers:
             manager.attach(self.layouts)
+        self.seen_blocks: OrderedDict = OrderedDict()
+        self.shared_tokens: dict[str, int] = {}
+        self.junctions: dict[str, tuple[int, int]] = {}
         if self.cache_config.enable_prefix_caching:
             self._enable_physical_prefix_caching()
+            # vLLM's hook for ending a prefill chunk where a state must be cached (Mamba's "align"
+            # mode); ours is `_mamba_block_aligned_split` below.
+            self.need_mamba_block_aligned_split = True
         self.sentinel_stats = SentinelStats()
         logger.info("sentinel compression on: <CL>=%d <CR>=%d, default schedule %s",
                     self.sentinel.cl_token_id, self.sentinel.cr_token_id, self.sentinel.schedule)
@@ -56,12 +69,53 @@ class SentinelScheduler(Scheduler):
         managers[0].enable_physical_prefix_caching(get_hash_fn_by_name(self.cache_config.prefix_caching_hash_algo))
 
     def _get_local_prefix_cache_hit(self, request):
-        """vLLM's lookup chains logical tokens; a sentinel hit is a state over physical blocks."""
+        """vLLM's lookup chains logical tokens; a sentinel hit is a state over physical blocks.
+
+        The third value is vLLM's shared-prefix boundary: here the junction where this request's
+        prefill stops a chunk (see `_junction`)."""
         manager = self.kv_cache_manager
         if not manager.prefix_cache_lookup_enabled(request):
             return manager.empty_kv_cache_blocks, 0, 0, False
         num_tokens, blocks = self.sentinel_managers[0].find_physical_hit(request, request.num_tokens - 1)
-        return manager.create_kv_cache_blocks((blocks,)), num_tokens, 0, False
+        return manager.create_kv_cache_blocks((blocks,)), num_tokens, self._junction(request, num_tokens), False
+
+    def _junction(self, request, hit: int) -> int:
+        """Where a request's state should be cached for the requests after it: the largest n past
+        its hit, within the prefix it shares with prompts seen before, whose state is whole blocks.
+
+        Why: the cache holds states at the ends of steps. Requests sharing a system prompt but not
+        the question after it find the first one's state only where it ends on a final block; with
+        a window (W > G) none does, the window's raw tokens being needed too. So the second request
+        ends a prefill chunk at the junction, and every later one resumes there."""
+        cached = self.junctions.get(request.request_id)
+        if cached is not None and cached[0] == hit:
+            return cached[1]
+        shared = self.shared_tokens.get(request.request_id)
+        if shared is None:
+            shared = self._remember_prompt(request)
+        layout, block_size = self.layouts[request.request_id], self.sentinel_managers[0].block_size
+        junction = next((n for n in range(min(shared, request.num_tokens - 1), hit, -1)
+                         if layout.physical_len(n) % block_size == 0), 0)
+        self.junctions[request.request_id] = (hit, junction)
+        return junction
+
+    def _remember_prompt(self, request) -> int:
+        """Tokens of this prompt seen before (whole logical blocks); then remember its blocks."""
+        seen, hashes = self.seen_blocks, request.block_hashes
+        shared = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
+        for block_hash in hashes:
+            seen[block_hash] = None
+            seen.move_to_end(block_hash)
+        while len(seen) > SEEN_BLOCKS:
+            seen.popitem(last=False)
+        self.shared_tokens[request.request_id] = shared * self.hash_block_size
+        return self.shared_tokens[request.request_id]
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens: int, num_new_local_computed_tokens: int = 0,
+                                   num_external_computed_tokens: int = 0) -> int:
+        start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
+        junction = request.shared_prefix_boundary
+        return junction - start if start < junction < start + num_new_tokens else num_new_tokens
 
     def add_request(self, request) -> None:
         # The request was checked before it got here (patches/engine_core_validation.py), so this
@@ -72,8 +126,8 @@ class SentinelScheduler(Scheduler):
 
     def _free_blocks(self, request) -> None:
         super()._free_blocks(request)
-        self.layouts.pop(request.request_id, None)
-        self.counted_upto.pop(request.request_id, None)
+        for table in (self.layouts, self.counted_upto, self.shared_tokens, self.junctions):
+            table.pop(request.request_id, None)
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
