@@ -3,14 +3,14 @@
 `patches/` lives at the top of the repository (every change to vLLM internals in one
 place, reviewable on its own) but installs as `vllm_sentinel.patches`.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="vllm-sentinel",
     version="0.1.0",
     description="Sentinel-token KV compression (Ren, Jia & Zhu, EMNLP 2023) for vLLM",
     python_requires=">=3.10",
-    packages=["vllm_sentinel", "vllm_sentinel.patches"],
+    packages=find_packages(include=["vllm_sentinel", "vllm_sentinel.*"]) + ["vllm_sentinel.patches"],
     package_dir={"vllm_sentinel": "vllm_sentinel", "vllm_sentinel.patches": "patches"},
     install_requires=[
         "torch==2.13.0",

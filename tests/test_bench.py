@@ -34,6 +34,25 @@ def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_mo
     assert (tmp_path / f"bench-{label}.png").stat().st_size > 10_000
 
 
+def test_the_quick_chat_bench_reads_hits_from_vllm_and_compares_three_engines(sentinel_model_dir, tmp_path):
+    """A shared system prompt and conversations; hit rates are vLLM's own counters."""
+    result = subprocess.run([CLI, "bench-chat", "--model", str(sentinel_model_dir), "--window", "32", "--quick",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "sentinel / stock (both caching)" in result.stdout
+    report = json.loads((tmp_path / f"bench-chat-{sentinel_model_dir.name}-w32.json").read_text())
+    assert report["schedule"]["window"] == 32
+    for part in ("system-prompt", "conversation"):
+        runs = {name: run[part] for name, run in report["runs"].items()}
+        assert runs["sentinel, no prefix caching"]["prefix_cache_queries"] == 0
+        assert runs["stock"]["hit_rate"] > 0.3 and runs["sentinel"]["hit_rate"] > 0.3
+        assert runs["sentinel"]["peak_kv_blocks"] < runs["stock"]["peak_kv_blocks"]
+        assert all(run["preemptions"] == 0 for run in runs.values())
+    # Conversations resume from the last turn's very state: the hit rate is stock's, within 10%.
+    assert report["conversation ratios"]["hit_rate"] > 0.9
+    assert (tmp_path / f"bench-chat-{sentinel_model_dir.name}-w32.png").stat().st_size > 10_000
+
+
 def test_long_prompts_run_each_engine_in_its_own_process_and_measure_it(tmp_path):
     result = subprocess.run([CLI, "bench", "--quick", "--workloads", "long-prompt", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=900)

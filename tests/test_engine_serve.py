@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from vllm_sentinel.bench_serve import free_port, wait_until_healthy
+from vllm_sentinel.bench.serve import free_port, wait_until_healthy
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 SERVE_ARGS = ["--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M", "--max-model-len", "1024"]

@@ -1,4 +1,4 @@
-"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch, bench, bench-serve, soak, quality)."""
+"""`vllm-sentinel`: the command line (train, make-tiny, eval, batch, bench, bench-chat, bench-serve, soak, quality)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from .logs import route_vllm_logs
 
 # The commands that run vLLM engines in this process tree. bench-serve and soak are not among them:
 # the servers they start write their whole log to a file of their own already.
-VLLM_COMMANDS = {"batch", "bench", "quality"}
+VLLM_COMMANDS = {"batch", "bench", "bench-chat", "quality"}
 
 
 def _add_schedule_args(parser: argparse.ArgumentParser, defaults: ScheduleConfig | None) -> None:
@@ -95,7 +95,7 @@ def cmd_batch(args) -> None:
 def cmd_bench(args) -> None:
     from pathlib import Path
 
-    from .bench import bench, realistic_dummy_model
+    from .bench.throughput import bench, realistic_dummy_model
 
     models = args.model or []
     if not models:  # the default pair: a realistic shape with dummy weights, and the trained tiny model
@@ -111,7 +111,7 @@ def cmd_bench(args) -> None:
     if "long-prompt" in workloads:  # its own model (32k positions) and one engine per process
         import json
 
-        from .bench import long_prompts
+        from .bench.throughput import long_prompts
 
         workloads.remove("long-prompt")
         rows = long_prompts(args.out, quick=args.quick)
@@ -125,11 +125,28 @@ def cmd_bench(args) -> None:
         print(f"{label}: {report['seconds']:.0f} s; results in {args.out}/bench-{label}.json and .png")
 
 
+def cmd_bench_chat(args) -> None:
+    from pathlib import Path
+
+    from .bench.chat import bench_chat
+    from .bench.throughput import realistic_dummy_model
+
+    if args.model is None:
+        model, label, dtype, load_format = str(realistic_dummy_model(Path(args.out) / "model-dummy")), "dummy", \
+            "bfloat16", "dummy"
+    else:
+        model, label, dtype, load_format = args.model, Path(args.model).name, args.dtype, "auto"
+    label += f"-w{args.window}" if args.window is not None else ""
+    report = bench_chat(model, args.out, quick=args.quick, window=args.window, dtype=dtype, load_format=load_format,
+                        label=label)
+    print(f"{report['seconds']:.0f} s; results in {args.out}/bench-chat-{label}.json and .png")
+
+
 def cmd_bench_serve(args) -> None:
     from pathlib import Path
 
-    from .bench import realistic_dummy_model
-    from .bench_serve import ServeWorkload, format_report, serve_bench
+    from .bench.throughput import realistic_dummy_model
+    from .bench.serve import ServeWorkload, format_report, serve_bench
 
     serve_args = ["--kv-cache-memory-bytes", "8G"] + ([] if args.compile else ["--enforce-eager"])
     model = args.model
@@ -144,7 +161,7 @@ def cmd_bench_serve(args) -> None:
 
 
 def cmd_soak(args) -> None:
-    from .soak import SoakConfig, run_soak
+    from .bench.soak import SoakConfig, run_soak
 
     config = SoakConfig(model=args.model, clients=args.clients, minutes=args.minutes, seed=args.seed,
                         max_requests=args.max_requests, kv_blocks=args.kv_blocks, block_size=args.block_size,
@@ -253,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engines (adds ~40 s per engine start on CPU; eager by default)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-chat", help="prefix caching: stock vLLM vs sentinel without and with it, one run",
+                       description="A shared system prompt and multi-turn conversations on stock vLLM with prefix "
+                                   "caching, the sentinel backend without it and with it: hit rate from vLLM's own "
+                                   "counters, TTFT, throughput and peak KV blocks; writes bench-chat-<model>.json "
+                                   "and .png under --out.")
+    p.add_argument("--model", default=None, help="default: the bench's realistic-shape model with dummy weights")
+    p.add_argument("--window", type=int, default=None, help="a recent window for every sentinel request "
+                   "(default: the model's schedule)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
+    p.set_defaults(func=cmd_bench_chat)
 
     p = sub.add_parser("bench-serve", help="`vllm bench serve` against `vllm serve`, stock and sentinel",
                        description="Starts `vllm serve` with and without --attention-backend sentinel on the same model "

@@ -54,7 +54,8 @@ class SentinelAttentionManager(FullAttentionManager):
         self.hit_tokens: dict[str, int] = {}
         self.pending_copies: dict[str, range] = {}
         self.step_start: dict[str, int] = {}  # computed tokens at the allocation in progress
-        self.unwritten: set[int] = set()      # snapshot blocks whose copy runs with this step
+        self.retiring: list[tuple] = []       # (tail block, its snapshot or None, hash), this step
+        self.partial_entries: dict[str, object] = {}  # the block holding a request's partial-state hash
 
     def attach(self, layouts: dict[str, KVLayout]) -> None:
         self.layouts = layouts
@@ -112,10 +113,11 @@ class SentinelAttentionManager(FullAttentionManager):
         return copied + super().allocate_new_blocks(request_id, slots, slots)
 
     def _retire_tail(self, request_id: str, computed: int) -> None:
-        """A step from `computed` that compacts rewrites the tail blocks, so their cached state goes:
-        into a snapshot (fresh blocks outside the request's table, copied before the forward, then
-        free and cached like any block) when the pool has room to spare, else out of the cache.
-        The state is cached first: the next turn of a conversation resumes from such snapshots."""
+        """A step from `computed` that compacts rewrites the tail blocks. Their cached state (cached
+        first: the next turn of a conversation resumes from such states) stays hittable while this
+        step is scheduled, since a hit's copy runs before the forward; after the step it moves to
+        a snapshot (fresh blocks outside the request's table, copied before the forward) when the
+        pool has room to spare, else leaves the cache (`publish_retired_tails`)."""
         if request_id not in self.hashes:
             return
         self._cache_state(request_id, computed)
@@ -123,25 +125,33 @@ class SentinelAttentionManager(FullAttentionManager):
         first = hashes.first_tail_block(hashes.layout.num_closed(computed))
         tail = [(i, b) for i, b in enumerate(blocks[first:], first) if b.block_hash is not None]
         self.num_cached_block[request_id] = min(self.num_cached_block.get(request_id, 0), first)
+        self.partial_entries.pop(request_id, None)
         if not tail:
             return
-        state = hashes.state_hashes(computed)
-        self.block_pool.evict_blocks({b.block_id for _, b in tail})
+        state = dict(enumerate(hashes.state_hashes(computed)))
+        partial = hashes.partial_hash(computed)
+        if partial is not None:
+            state[partial[0]] = partial[1]
         pool = self.block_pool
-        if pool.get_num_free_blocks() - len(tail) < SNAPSHOT_SPARE * pool.num_gpu_blocks:
-            return
-        for (index, source), snapshot in zip(tail, pool.get_new_blocks(len(tail))):
-            # vLLM's copy list and retention: both ends are freed once the copy has run.
-            source.ref_cnt += 1
-            self._pending_cow_copies.append((source, snapshot))
-            pool.cache_full_blocks(request=_Hashed([state[index]]), blocks=[snapshot], num_cached_blocks=0,
-                                   num_full_blocks=1, block_size=self.block_size,
-                                   kv_cache_group_id=self.kv_cache_group_id)
-            self.unwritten.add(snapshot.block_id)
+        room = pool.get_num_free_blocks() - len(tail) >= SNAPSHOT_SPARE * pool.num_gpu_blocks
+        snapshots = pool.get_new_blocks(len(tail)) if room else [None] * len(tail)
+        for (index, source), snapshot in zip(tail, snapshots):
+            if snapshot is not None:
+                # vLLM's copy list and its retention (both ends freed once the copy has run), plus
+                # our own reference on the snapshot until it is published.
+                source.ref_cnt += 1
+                snapshot.ref_cnt += 1
+                self._pending_cow_copies.append((source, snapshot))
+            self.retiring.append((source, snapshot, state[index]))
 
-    def new_step_starts(self) -> None:
-        # Last step's copies have run.
-        self.unwritten.clear()
+    def publish_retired_tails(self) -> None:
+        """After the step: the retired tail blocks hold the new state, their snapshots the old one."""
+        for source, snapshot, block_hash in self.retiring:
+            self.block_pool.evict_blocks({source.block_id})
+            if snapshot is not None:
+                self._cache([block_hash], [snapshot])
+                self.block_pool.free_blocks([snapshot])
+        self.retiring.clear()
 
     # -- prefix caching -------------------------------------------------------------------------
     def enable_physical_prefix_caching(self, hash_fn) -> None:
@@ -164,7 +174,7 @@ class SentinelAttentionManager(FullAttentionManager):
 
         def lookup(block_hash):
             cached = self.block_pool.get_cached_block(block_hash, group)
-            return cached[0] if cached and cached[0].block_id not in self.unwritten else None
+            return cached[0] if cached else None
 
         return longest_hit(self._hashes(request), max_tokens, lookup)
 
@@ -185,19 +195,31 @@ class SentinelAttentionManager(FullAttentionManager):
         self.num_cached_block.setdefault(request_id, 0)
 
     def _cache_state(self, request_id: str, computed: int) -> None:
+        """Cache the state after `computed` tokens: its full blocks, and its partly filled last
+        block (one such entry per request, the latest state's)."""
         hashes, blocks = self.hashes[request_id], self.req_to_blocks.get(request_id, [])
         cached = self.num_cached_block.get(request_id, 0)
         state = hashes.state_hashes(computed)
         hashes.forget_tails_before(hashes.layout.num_closed(computed))
+        previous = self.partial_entries.pop(request_id, None)
+        if previous is not None and previous.block_hash is not None:
+            self.block_pool.evict_blocks({previous.block_id})
         full = min(len(state), len(blocks))
         if full > cached:
-            self.block_pool.cache_full_blocks(request=_Hashed(state), blocks=blocks, num_cached_blocks=cached,
-                                              num_full_blocks=full, block_size=self.block_size,
-                                              kv_cache_group_id=self.kv_cache_group_id)
+            self._cache(state[cached:full], blocks[cached:full])
             self.num_cached_block[request_id] = full
+        partial = hashes.partial_hash(computed)
+        if partial is not None and partial[0] < len(blocks) and blocks[partial[0]].block_hash is None:
+            self._cache([partial[1]], [blocks[partial[0]]])
+            self.partial_entries[request_id] = blocks[partial[0]]
+
+    def _cache(self, block_hashes: list, blocks: list) -> None:
+        self.block_pool.cache_full_blocks(request=_Hashed(block_hashes), blocks=blocks, num_cached_blocks=0,
+                                          num_full_blocks=len(blocks), block_size=self.block_size,
+                                          kv_cache_group_id=self.kv_cache_group_id)
 
     def pop_blocks_for_free(self, request_id: str):
-        for table in (self.hashes, self.hit_tokens, self.pending_copies, self.step_start):
+        for table in (self.hashes, self.hit_tokens, self.pending_copies, self.step_start, self.partial_entries):
             table.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 

@@ -89,6 +89,21 @@ class PhysicalBlockHashes:
             chain.append(self._hash(parent, start, end, (version,)))
         return chain[i - first]
 
+    def partial_hash(self, n: int) -> tuple[int, BlockHash] | None:
+        """(index, hash) of the partly filled last block of the state after `n` tokens, when that
+        block is a tail block: cached too, so a hit can end exactly where a request stopped (the
+        last turn of a conversation), the hitting request copying that block like the tail."""
+        layout, size = self.layout, self.block_size
+        p, version = layout.physical_len(n), layout.num_closed(n)
+        if not layout.compresses or p % size == 0 or p <= layout.base(version) or n > len(self.token_ids):
+            return None
+        i = p // size
+        parent = self.tail_hash(i - 1, version) if i > self.first_tail_block(version) else \
+            (self.final_hash(i - 1) if i else None)
+        if i and parent is None:
+            return None
+        return i, self._hash(parent, layout.tokens_in_slots(i * size, version), n, (version, "partial"))
+
     def state_hashes(self, n: int) -> list[BlockHash]:
         """Hashes of the full blocks of the state after `n` real tokens."""
         layout = self.layout
@@ -152,6 +167,15 @@ def longest_hit(hashes: PhysicalBlockHashes, max_tokens: int, lookup) -> tuple[i
             tail.append(block)
             if end >= earliest and end > best:
                 best, blocks = end, final_hits[:first] + tail
+        # Then a state ending inside the next block, latest first.
+        i = first + len(tail)
+        top = min(max_tokens, last, layout.tokens_in_slots((i + 1) * size, version) - 1)
+        for n in range(top, max(layout.tokens_in_slots(i * size, version), earliest - 1, best), -1):
+            partial = hashes.partial_hash(n)
+            block = lookup(partial[1]) if partial is not None else None
+            if block is not None:
+                best, blocks = n, final_hits[:first] + tail + [block]
+                break
     return best, blocks
 
 

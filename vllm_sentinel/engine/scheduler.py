@@ -80,8 +80,8 @@ class SentinelScheduler(Scheduler):
         return manager.create_kv_cache_blocks((blocks,)), num_tokens, self._junction(request, num_tokens), False
 
     def _junction(self, request, hit: int) -> int:
-        """Where a request's state should be cached for the requests after it: the largest n past
-        its hit, within the prefix it shares with prompts seen before, whose state is whole blocks.
+        """Where a request's state should be cached for the requests after it: the end of the
+        prefix it shares with prompts seen before (whole logical blocks), if past its hit.
 
         Why: the cache holds states at the ends of steps. Requests sharing a system prompt but not
         the question after it find the first one's state only where it ends on a final block; with
@@ -93,9 +93,8 @@ class SentinelScheduler(Scheduler):
         shared = self.shared_tokens.get(request.request_id)
         if shared is None:
             shared = self._remember_prompt(request)
-        layout, block_size = self.layouts[request.request_id], self.sentinel_managers[0].block_size
-        junction = next((n for n in range(min(shared, request.num_tokens - 1), hit, -1)
-                         if layout.physical_len(n) % block_size == 0), 0)
+        junction = min(shared, request.num_tokens - 1)
+        junction = junction if junction > hit else 0
         self.junctions[request.request_id] = (hit, junction)
         return junction
 
@@ -145,6 +144,12 @@ class SentinelScheduler(Scheduler):
         stats.sentinel_tokens += closed
         stats.peak_running = max(stats.peak_running, len(self.running))
         return output
+
+    def update_from_output(self, *args, **kwargs):
+        outputs = super().update_from_output(*args, **kwargs)
+        if self.cache_config.enable_prefix_caching:
+            self.sentinel_managers[0].publish_retired_tails()  # the step's copies have run
+        return outputs
 
     def current_sentinel_stats(self) -> SentinelStats:
         stats = self.sentinel_stats

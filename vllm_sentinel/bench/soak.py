@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bench_serve import VLLM, free_port, wait_until_healthy
+from .serve import VLLM, free_port, wait_until_healthy
 
 HOST = "127.0.0.1"
 MAX_FAILURES_KEPT = 20

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ScheduleConfig, SentinelConfig
-from .engine.layout import cdiv
+from ..config import ScheduleConfig, SentinelConfig
+from ..engine.layout import cdiv
 
 BLOCK_SIZE = 32
 
@@ -102,7 +102,7 @@ def run_engine(model_dir: str, backend: str, workloads: list[Workload], prompts,
     """One engine, the given workloads one after another (they differ only in per-request options)."""
     from vllm import LLM, SamplingParams
 
-    from .observe import run_workload
+    from ..observe import run_workload
 
     kwargs = dict(settings)
     if backend == "sentinel":
@@ -288,7 +288,7 @@ REALISTIC_SHAPE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads
 def realistic_dummy_model(out_dir: str | Path, schedule: ScheduleConfig = ScheduleConfig(4, 16, 0),
                           max_positions: int | None = None) -> Path:
     """A weightless model directory: vLLM runs it with load_format="dummy" (random weights)."""
-    from .random_model import LlamaShape, write_random_sentinel_model
+    from ..random_model import LlamaShape, write_random_sentinel_model
 
     out_dir = Path(out_dir)
     shape = LlamaShape(**{**REALISTIC_SHAPE, **({"max_position_embeddings": max_positions} if max_positions else {})})
@@ -368,7 +368,7 @@ def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
         for backend in ("stock", "sentinel"):
             spec = {"backend": backend, "model": str(model), "length": length, "span": span,
                     "vocab": config["vocab_size"], "avoid": avoid}
-            code = ("import json, sys; from vllm_sentinel.bench import _long_prompt_child; "
+            code = ("import json, sys; from vllm_sentinel.bench.throughput import _long_prompt_child; "
                     "print('RESULT ' + json.dumps(_long_prompt_child(json.loads(sys.argv[1]))))")
             returncode, stdout, stderr, peak = _run_measuring_tree_rss([sys.executable, "-c", code, json.dumps(spec)])
             lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]

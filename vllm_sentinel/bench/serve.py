@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engine.layout import cdiv
+from ..engine.layout import cdiv
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 METRICS = ("ttft", "tpot", "itl")
