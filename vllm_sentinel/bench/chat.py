@@ -190,7 +190,8 @@ def plot(report: dict, path: Path) -> None:
                             fontsize=7)
         ax.set_xticks(x, ["system prompt", "conversation"])
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylim(0, 1.35)
+    axes[0].legend(fontsize=8, loc="upper center", ncol=1)
     s = report["schedule"]
     fig.suptitle(f"prefix caching: stock vLLM vs sentinel ({report['label']}, sink {s['sink']} span {s['span']} "
                  f"gap {s['gap']} window {s['window']})")

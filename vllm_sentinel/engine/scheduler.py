@@ -12,6 +12,7 @@ max_model_len never see a sentinel. The scheduler
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 from vllm.logger import init_logger
@@ -27,6 +28,9 @@ logger = init_logger("vllm.sentinel")
 # Logical block hashes of recent prompts, kept to measure how much of a new prompt was seen before
 # (at most this many, ~40 MB).
 SEEN_BLOCKS = 1 << 18
+# A waiting request waits a step for a running one computing the same prefix (to its junction)
+# when that saves recomputing more than this many tokens.
+JUNCTION_WAIT = 256
 
 
 class SentinelScheduler(Scheduler):
@@ -98,6 +102,34 @@ class SentinelScheduler(Scheduler):
         self.junctions[request.request_id] = (hit, junction)
         return junction
 
+    def _junction_key(self, request, junction: int) -> tuple:
+        blocks = junction // self.hash_block_size
+        return (request.block_hashes[blocks - 1] if blocks else None, junction, self.layouts[request.request_id].schedule)
+
+    def _wait_for_junctions(self) -> list:
+        """Waiting requests that would recompute a prefix that an earlier request (running, or
+        first in the queue) computes up to the same junction: they wait and resume from its state
+        instead (stock vLLM shares such blocks within the step; a sentinel state is cached once
+        written, so the second of two such requests would otherwise pay the full prefill too)."""
+        owners = set()
+        for request in self.running:
+            hit, junction = self.junctions.get(request.request_id, (0, 0))
+            if junction - hit > JUNCTION_WAIT and request.num_computed_tokens < junction:
+                owners.add(self._junction_key(request, junction))
+        held = []
+        # Only those that could be admitted this step: a long queue is not looked up every step.
+        for request in itertools.islice(self.waiting, self.max_num_running_reqs):
+            if request.num_computed_tokens or not self.kv_cache_manager.prefix_cache_lookup_enabled(request):
+                continue
+            hit, _ = self.sentinel_managers[0].find_physical_hit(request, request.num_tokens - 1)
+            junction = self._junction(request, hit)
+            if junction - hit > JUNCTION_WAIT:
+                key = self._junction_key(request, junction)
+                if key in owners:
+                    held.append(request)
+                owners.add(key)
+        return held
+
     def _remember_prompt(self, request) -> int:
         """Tokens of this prompt seen before (whole logical blocks); then remember its blocks."""
         seen, hashes = self.seen_blocks, request.block_hashes
@@ -129,7 +161,14 @@ class SentinelScheduler(Scheduler):
             table.pop(request.request_id, None)
 
     def schedule(self, *args, **kwargs):
-        output = super().schedule(*args, **kwargs)
+        held = self._wait_for_junctions() if self.cache_config.enable_prefix_caching else []
+        if held:
+            self.waiting.remove_requests(held)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            if held:
+                self.waiting.prepend_requests(held)
         closed = 0
         for req_id, num_tokens in output.num_scheduled_tokens.items():
             layout = self.layouts.get(req_id)
