@@ -99,6 +99,20 @@ def test_a_shared_system_prompt_hits_and_matches_the_oracle(engines, oracle, sch
         assert oracle.check(prompt, output, schedule_config) < LOGPROB_TOLERANCE
 
 
+@pytest.mark.parametrize("schedule", [(4, 16, 0, 32), (2, 8, 3, 32)], ids=str)
+def test_requests_arriving_together_wait_for_the_one_computing_their_shared_prefix(engines, oracle, schedule):
+    """Six requests sharing an 800-token system prompt, sent at once, with a window (no state of
+    final blocks only): the first computes its whole prompt, the second the shared prefix up to
+    its junction, and the other four wait a step and resume there instead of recomputing it."""
+    llm = engines["whole"]
+    system = tokens(800, seed=50 + schedule[2])
+    batch = [system + tokens(20, seed=60 + i) for i in range(6)]
+    outputs = run(llm, batch, schedule)
+    assert sorted(out.num_cached_tokens for out in outputs) == [0, 0, 800, 800, 800, 800]
+    for prompt, output in zip(batch, outputs):
+        assert oracle.check(prompt, output, ScheduleConfig(*schedule)) < LOGPROB_TOLERANCE
+
+
 def test_vllm_prefix_cache_metrics_count_the_hits(engines):
     """Read from vLLM's own counters (`vllm:prefix_cache_queries`, `vllm:prefix_cache_hits`).
     Prometheus keeps the collectors of the engine built last in the process: `small_pool`."""
