@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
@@ -54,7 +55,7 @@ class SentinelAttentionManager(FullAttentionManager):
         self.hit_tokens: dict[str, int] = {}
         self.pending_copies: dict[str, range] = {}
         self.step_start: dict[str, int] = {}  # computed tokens at the allocation in progress
-        self.retiring: list[tuple] = []       # (tail block, its snapshot or None, hash), this step
+        self.retiring: list[list] = []        # [tail block, its snapshot or None, hash], this step
         self.partial_entries: dict[str, object] = {}  # the block holding a request's partial-state hash
 
     def attach(self, layouts: dict[str, KVLayout]) -> None:
@@ -115,9 +116,8 @@ class SentinelAttentionManager(FullAttentionManager):
     def _retire_tail(self, request_id: str, computed: int) -> None:
         """A step from `computed` that compacts rewrites the tail blocks. Their cached state (cached
         first: the next turn of a conversation resumes from such states) stays hittable while this
-        step is scheduled, since a hit's copy runs before the forward; after the step it moves to
-        a snapshot (fresh blocks outside the request's table, copied before the forward) when the
-        pool has room to spare, else leaves the cache (`publish_retired_tails`)."""
+        step is scheduled, since a hit's copy runs before the forward; then it moves to a snapshot
+        or leaves the cache (`take_snapshots`, `publish_retired_tails`)."""
         if request_id not in self.hashes:
             return
         self._cache_state(request_id, computed)
@@ -132,17 +132,23 @@ class SentinelAttentionManager(FullAttentionManager):
         partial = hashes.partial_hash(computed)
         if partial is not None:
             state[partial[0]] = partial[1]
+        self.retiring += [[source, None, state[index]] for index, source in tail]
+
+    def take_snapshots(self) -> list[KVCacheBlockCopy]:
+        """Once the step is scheduled: copies of the retiring tail blocks into fresh blocks outside
+        any request's table, if a quarter of the pool stays free after them. Taken after every
+        allocation of the step, so a snapshot never costs a request its blocks."""
         pool = self.block_pool
-        room = pool.get_num_free_blocks() - len(tail) >= SNAPSHOT_SPARE * pool.num_gpu_blocks
-        snapshots = pool.get_new_blocks(len(tail)) if room else [None] * len(tail)
-        for (index, source), snapshot in zip(tail, snapshots):
-            if snapshot is not None:
-                # vLLM's copy list and its retention (both ends freed once the copy has run), plus
-                # our own reference on the snapshot until it is published.
-                source.ref_cnt += 1
-                snapshot.ref_cnt += 1
-                self._pending_cow_copies.append((source, snapshot))
-            self.retiring.append((source, snapshot, state[index]))
+        # A tail freed in this pass (its request preempted) may be someone else's block by now.
+        alive = [entry for entry in self.retiring if entry[0].ref_cnt > 0 and entry[0].block_hash is not None]
+        if not alive or pool.get_num_free_blocks() - len(alive) < SNAPSHOT_SPARE * pool.num_gpu_blocks:
+            return []
+        copies = []
+        for entry, snapshot in zip(alive, pool.get_new_blocks(len(alive))):
+            entry[0].ref_cnt += 1  # both ends held until `publish_retired_tails`
+            entry[1] = snapshot
+            copies.append(KVCacheBlockCopy(src_block_id=entry[0].block_id, dst_block_id=snapshot.block_id))
+        return copies
 
     def publish_retired_tails(self) -> None:
         """After the step: the retired tail blocks hold the new state, their snapshots the old one."""
@@ -150,7 +156,7 @@ class SentinelAttentionManager(FullAttentionManager):
             self.block_pool.evict_blocks({source.block_id})
             if snapshot is not None:
                 self._cache([block_hash], [snapshot])
-                self.block_pool.free_blocks([snapshot])
+                self.block_pool.free_blocks([snapshot, source])
         self.retiring.clear()
 
     # -- prefix caching -------------------------------------------------------------------------

@@ -169,6 +169,10 @@ class SentinelScheduler(Scheduler):
         finally:
             if held:
                 self.waiting.prepend_requests(held)
+        if self.cache_config.enable_prefix_caching:
+            snapshots = self.sentinel_managers[0].take_snapshots()
+            if snapshots:
+                output.kv_cache_block_copies = [*(output.kv_cache_block_copies or ()), *snapshots]
         closed = 0
         for req_id, num_tokens in output.num_scheduled_tokens.items():
             layout = self.layouts.get(req_id)
