@@ -139,18 +139,23 @@ def reachable_state(layout: KVLayout, last: int) -> int:
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=str)
 def test_a_conversation_resumes_each_turn_from_the_last(engines, oracle, schedule):
-    """Turn t + 1 is turn t's prompt, its answer and a new message: it resumes from a state turn t
-    left in the cache (with a window too: the tail blocks of each state are kept as a snapshot)."""
+    """Turn t + 1 is turn t's prompt, its answer and a new message: it resumes exactly where turn t
+    finished (its final state is cached when it finishes), or, when turn t's last step compacted a
+    span, from the state before that step (with a window too: kept as a snapshot)."""
     llm, layout, answer = engines["chunked"], KVLayout(ScheduleConfig(*schedule)), 30
-    conversation, last = tokens(480, seed=7), 0
+    conversation, final, exact_turns = tokens(480, seed=7), 0, 0
     for turn in range(4):
         [out] = run(llm, [conversation], schedule, max_tokens=answer)
         assert oracle.check(conversation, out, ScheduleConfig(*schedule)) < LOGPROB_TOLERANCE
-        if turn:  # turn t's last step started from len(prompt) + answer - 2 computed tokens
-            assert out.num_cached_tokens >= reachable_state(layout, last) and out.num_cached_tokens > 0, \
-                (out.num_cached_tokens, reachable_state(layout, last), last)
-        last = len(conversation) + answer - 2
+        if turn and layout.num_closed(final) == layout.num_closed(final - 1):
+            assert out.num_cached_tokens == final, (out.num_cached_tokens, final)
+            exact_turns += 1
+        elif turn:
+            assert out.num_cached_tokens >= reachable_state(layout, final - 1) and out.num_cached_tokens > 0, \
+                (out.num_cached_tokens, reachable_state(layout, final - 1), final)
+        final = len(conversation) + answer - 1  # the last sampled token is never run
         conversation = conversation + list(out.outputs[0].token_ids) + tokens(25, seed=100 + turn)
+    assert exact_turns or not layout.compresses
 
 
 def test_two_schedules_and_compression_off_never_share_a_block(engines):

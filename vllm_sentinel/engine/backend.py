@@ -18,10 +18,13 @@ Every request's chunk is either
   With a recent window (W > 0) the raw tokens cached after a compacted span are moved left into
   the slots it gave up, from the same pre-write read (layout.py).
 
+Stable prefixes of similar size are attended together (a decode step in which every request
+closes a span is one padded call per layer, not one per request).
+
 Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: the
-visibility of a band of rows at a time, at most `SCORE_BUDGET` attention scores per tile or group (plus one block-row of scores when a chunk's
-real tokens times the query heads exceed it), the volatile tails (L + W slots per masked request),
-and one tile of keys and values.
+visibility of a band of rows at a time, at most `SCORE_BUDGET` attention scores per tile or group
+(plus one block-row of scores when a single chunk's real tokens times the query heads exceed it),
+the volatile tails (L + W slots per masked request), and one tile of keys and values.
 
 The wrapped kernel's in-block KV layout is its own business (CPU_ATTN stores keys transposed, and
 differently per ISA), so `PagedKVReader` learns it once by writing a known pattern through the
@@ -172,12 +175,27 @@ def token_rows(query_start: np.ndarray, requests) -> torch.Tensor:
 
 
 @dataclass
-class StablePrefix:
-    """A masked request's stable prefix and the rows that see it: its real tokens."""
+class StablePrefixGroup:
+    """Masked requests whose stable prefixes are attended together: each request's real tokens
+    against its own prefix, padded to the group's longest (keys past a prefix's length are hidden)."""
 
-    rows: torch.Tensor    # [r] masked rows of the chunk's real tokens
-    blocks: torch.Tensor  # [cdiv(length, block_size)] physical blocks holding slots [0, length)
-    length: int
+    rows: torch.Tensor     # [G, Q] masked rows of each request's real tokens, -1 for padding
+    blocks: torch.Tensor   # [G, B] physical blocks holding each prefix's slots (padding: the first block)
+    lengths: torch.Tensor  # [G] stable prefix length per request
+
+
+def pad_stable_group(prefixes: list[tuple[torch.Tensor, torch.Tensor, int]], device) -> StablePrefixGroup:
+    """(rows, blocks, length) per request, as one padded group."""
+    q_max = max(rows.numel() for rows, _, _ in prefixes)
+    b_max = max(blocks.numel() for _, blocks, _ in prefixes)
+    rows = torch.full((len(prefixes), q_max), -1, dtype=torch.long)
+    blocks = torch.empty((len(prefixes), b_max), dtype=torch.long)
+    for i, (own_rows, own_blocks, _) in enumerate(prefixes):
+        rows[i, :own_rows.numel()] = own_rows
+        blocks[i] = own_blocks[0]
+        blocks[i, :own_blocks.numel()] = own_blocks
+    lengths = torch.tensor([length for _, _, length in prefixes], dtype=torch.long)
+    return StablePrefixGroup(rows.to(device), blocks.to(device), lengths.to(device))
 
 
 @dataclass
@@ -188,7 +206,7 @@ class SentinelAttentionMetadata:
     plain_rows: torch.Tensor | None       # [P] batch rows of plain requests when masked ones share the step, else None
     masked_rows: torch.Tensor             # [M] batch rows of requests whose chunk compacts a span
     volatile_slots: torch.Tensor          # [C] cache slots of their volatile tails: the key bank's front
-    stable: list[StablePrefix]            # per masked request with a stable prefix
+    stable: list[StablePrefixGroup]       # masked requests with a stable prefix, in padded groups
     masked: list[MaskedGroup]             # pieces of the masked chunks, against the volatile tails and chunk
     move_rows: torch.Tensor               # [V] key-bank rows of cached tokens a compaction shifts left (window > 0)
     move_slots: torch.Tensor              # [V] the cache slots they move to
@@ -241,8 +259,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             volatile_slots.append(table[row, tail // bs] * bs + tail % bs)
             if stable_len:
                 real = torch.from_numpy(np.flatnonzero(chunk.kinds == REAL))
-                stable.append(StablePrefix((first_row + real).to(device), table[row, :cdiv(stable_len, bs)].to(device),
-                                           stable_len))
+                stable.append((first_row + real, table[row, :cdiv(stable_len, bs)], stable_len))
             pieces += segments(chunk, first_row, offset, num_volatile, int(starts[row]),
                                num_volatile + cm.num_actual_tokens + int(cl_first[row]))
             if chunk.move_from.size:
@@ -254,9 +271,12 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         masked_rows = token_rows(starts, masked_requests)
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)
+        stable_groups = group_by_size([(rows.numel(), length) for rows, _, length in stable],
+                                      max_padded=SCORE_BUDGET // self.num_heads)
         none = torch.zeros(0, dtype=torch.long)
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, plain_rows,
-                                         masked_rows.to(device), torch.cat(volatile_slots).to(device), stable,
+                                         masked_rows.to(device), torch.cat(volatile_slots).to(device),
+                                         [pad_stable_group([stable[i] for i in group], device) for group in stable_groups],
                                          [pad_group([pieces[i] for i in group], device) for group in groups],
                                          torch.cat(move_rows or [none]).to(device),
                                          torch.cat(move_slots or [none]).to(device),
@@ -409,14 +429,19 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         state = OnlineSoftmax(rows + 1, kv_heads, per_kv, dim, query.device)
         reader = self._reader(layer, kv_cache) if meta.stable else None
         block_size = reader.block_size if reader else 0
-        for prefix in meta.stable:
-            queries = q[prefix.rows].unsqueeze(0)
-            per_tile = max(1, SCORE_BUDGET // (prefix.rows.numel() * heads * block_size))
-            for first in range(0, prefix.blocks.numel(), per_tile):
-                k, v = reader.read_blocks(kv_cache, prefix.blocks[first: first + per_tile])
-                length = min(prefix.length - first * block_size, k.shape[0])
-                state.fold(prefix.rows.unsqueeze(0), queries, k[:length].unsqueeze(0).float(),
-                           v[:length].unsqueeze(0).float(), None)
+        for group in meta.stable:
+            index = torch.where(group.rows >= 0, group.rows, rows)
+            queries = q[index]
+            per_tile = max(1, SCORE_BUDGET // (group.rows.numel() * heads * block_size))
+            for first in range(0, group.blocks.shape[1], per_tile):
+                tile = group.blocks[:, first: first + per_tile]
+                k, v = reader.read_blocks(kv_cache, tile.reshape(-1))
+                k, v = k.view(tile.shape[0], -1, kv_heads, dim), v.view(tile.shape[0], -1, kv_heads, dim)
+                # Every request's first tile holds at least one of its keys, so no row is left with
+                # nothing to attend to; a later tile past a short prefix folds in nothing.
+                seen = first * block_size + torch.arange(k.shape[1], device=k.device) < group.lengths[:, None]
+                state.fold(index, queries, k.float(), v.float(),
+                           None if bool(seen.all()) else seen[:, None, :].expand(-1, index.shape[1], -1))
         for group in meta.masked:
             index = torch.where(group.query_rows >= 0, group.query_rows, rows)
             state.fold(index, q[index], bank_k[group.keys].float(), bank_v[group.keys].float(), group.visible)

@@ -57,6 +57,7 @@ class SentinelAttentionManager(FullAttentionManager):
         self.step_start: dict[str, int] = {}  # computed tokens at the allocation in progress
         self.retiring: list[list] = []        # [tail block, its snapshot or None, hash], this step
         self.partial_entries: dict[str, object] = {}  # the block holding a request's partial-state hash
+        self.last_cached: dict[str, int] = {}         # computed tokens at the last step's start
 
     def attach(self, layouts: dict[str, KVLayout]) -> None:
         self.layouts = layouts
@@ -197,23 +198,43 @@ class SentinelAttentionManager(FullAttentionManager):
         # the copies now in the table are rewritten by this very step.
         if written >= self.hit_tokens.get(request_id, 0) and \
                 hashes.layout.num_closed(num_tokens) == hashes.layout.num_closed(written):
-            self._cache_state(request_id, written)
+            # The partial entry is for states another request can resume from: where a prompt (or
+            # a chunk stopped at a junction) ends, and where the request finishes (`cache_finished`).
+            # Re-hashing it at every decode step would cost each step what stock never pays.
+            self._cache_state(request_id, written, partial=written <= request.num_prompt_tokens)
+        self.last_cached[request_id] = written
         self.num_cached_block.setdefault(request_id, 0)
 
-    def _cache_state(self, request_id: str, computed: int) -> None:
-        """Cache the state after `computed` tokens: its full blocks, and its partly filled last
-        block (one such entry per request, the latest state's)."""
+    def cache_finished(self, request) -> None:
+        """A finished request's final state (its last step has run): the next turn of a
+        conversation resumes there. Not after a compacting last step, whose rewritten tail is
+        being retired (`publish_retired_tails`)."""
+        request_id = request.request_id
+        start = self.last_cached.get(request_id)
+        if self.hash_fn is None or start is None or request_id not in self.hashes:
+            return
+        layout, end = self._layout(request_id), request.num_computed_tokens
+        if end > start and layout.num_closed(end) == layout.num_closed(start):
+            self._cache_state(request_id, end)
+
+    def _cache_state(self, request_id: str, computed: int, partial: bool = True) -> None:
+        """Cache the state after `computed` tokens: its full blocks, and (`partial`) its partly
+        filled last block (one such entry per request, the latest state's)."""
         hashes, blocks = self.hashes[request_id], self.req_to_blocks.get(request_id, [])
         cached = self.num_cached_block.get(request_id, 0)
         state = hashes.state_hashes(computed)
         hashes.forget_tails_before(hashes.layout.num_closed(computed))
-        previous = self.partial_entries.pop(request_id, None)
-        if previous is not None and previous.block_hash is not None:
-            self.block_pool.evict_blocks({previous.block_id})
         full = min(len(state), len(blocks))
+        previous = self.partial_entries.get(request_id)
+        if partial or (previous is not None and previous in blocks[cached:full]):
+            self.partial_entries.pop(request_id, None)
+            if previous is not None and previous.block_hash is not None:
+                self.block_pool.evict_blocks({previous.block_id})
         if full > cached:
             self._cache(state[cached:full], blocks[cached:full])
             self.num_cached_block[request_id] = full
+        if not partial:
+            return
         partial = hashes.partial_hash(computed)
         if partial is not None and partial[0] < len(blocks) and blocks[partial[0]].block_hash is None:
             self._cache([partial[1]], [blocks[partial[0]]])
@@ -225,7 +246,8 @@ class SentinelAttentionManager(FullAttentionManager):
                                           kv_cache_group_id=self.kv_cache_group_id)
 
     def pop_blocks_for_free(self, request_id: str):
-        for table in (self.hashes, self.hit_tokens, self.pending_copies, self.step_start, self.partial_entries):
+        for table in (self.hashes, self.hit_tokens, self.pending_copies, self.step_start, self.partial_entries,
+                      self.last_cached):
             table.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 

@@ -156,6 +156,8 @@ class SentinelScheduler(Scheduler):
         super().add_request(request)
 
     def _free_blocks(self, request) -> None:
+        if self.cache_config.enable_prefix_caching:
+            self.sentinel_managers[0].cache_finished(request)
         super()._free_blocks(request)
         for table in (self.layouts, self.counted_upto, self.shared_tokens, self.junctions):
             table.pop(request.request_id, None)
