@@ -57,6 +57,34 @@ def hits(llm) -> tuple[int, int]:
     return metrics["vllm:prefix_cache_queries"], metrics["vllm:prefix_cache_hits"]
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=str)
+def test_lookups_probe_only_the_lengths_of_cached_partial_states(schedule):
+    """A lookup told at which real-token counts partial entries were cached finds the same hit as
+    one that hashes every prefix (the brute force), over many cached states and lookup limits."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import init_none_hash
+
+    from vllm_sentinel.engine.prefix_cache import PhysicalBlockHashes, longest_hit
+
+    init_none_hash(get_hash_fn_by_name("sha256"))
+    layout, stream, rng = KVLayout(ScheduleConfig(*schedule)), tokens(700, seed=3), random.Random(4)
+    owner = PhysicalBlockHashes(layout, BLOCK_SIZE, get_hash_fn_by_name("sha256"), stream)
+    cached, states = {}, sorted(rng.sample(range(1, 650), 12))
+    for n in states:
+        cached.update({h: ("block", h) for h in owner.state_hashes(n)})
+        partial = owner.partial_hash(n)
+        if partial is not None:
+            cached[partial[1]] = ("partial", n)
+    found = []
+    for max_tokens in [*states, *rng.sample(range(1, 700), 20)]:
+        asker = PhysicalBlockHashes(layout, BLOCK_SIZE, get_hash_fn_by_name("sha256"), stream)
+        brute = longest_hit(asker, max_tokens, cached.get)
+        probed = longest_hit(asker, max_tokens, cached.get, states)
+        assert probed == brute, (max_tokens, probed[0], brute[0])
+        found.append(brute[0])
+    assert max(found) > 0
+
+
 def test_prefix_caching_is_on_by_default(engines, sentinel_model_dir):
     for llm in engines.values():
         assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True

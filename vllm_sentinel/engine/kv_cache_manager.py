@@ -20,6 +20,7 @@ block; final blocks are shared, tail blocks are copied on write.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
@@ -34,6 +35,8 @@ UNCOMPRESSED = KVLayout(None)
 # A compacting step snapshots its cached tail only if this share of the pool stays free after it:
 # snapshots are for spare memory, never a cause of preemption.
 SNAPSHOT_SPARE = 0.25
+# Distinct real-token counts of partial entries a lookup probes (see `partial_states`).
+PARTIAL_STATES = 1 << 12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,10 @@ class SentinelAttentionManager(FullAttentionManager):
         self.retiring: list[list] = []        # [tail block, its snapshot or None, hash], this step
         self.partial_entries: dict[str, object] = {}  # the block holding a request's partial-state hash
         self.last_cached: dict[str, int] = {}         # computed tokens at the last step's start
+        # Real-token counts of the partial entries cached lately (most recent last), so a lookup
+        # probes those counts only: a partial hash covers a prefix of unknown length.
+        self.partial_states: OrderedDict[int, None] = OrderedDict()
+        self._partial_sorted: list[int] | None = []
 
     def attach(self, layouts: dict[str, KVLayout]) -> None:
         self.layouts = layouts
@@ -183,7 +190,9 @@ class SentinelAttentionManager(FullAttentionManager):
             cached = self.block_pool.get_cached_block(block_hash, group)
             return cached[0] if cached else None
 
-        return longest_hit(self._hashes(request), max_tokens, lookup)
+        if self._partial_sorted is None:
+            self._partial_sorted = sorted(self.partial_states)
+        return longest_hit(self._hashes(request), max_tokens, lookup, self._partial_sorted)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         """Cache the full blocks of the state *before* this step: already written, so a copy made
@@ -239,6 +248,16 @@ class SentinelAttentionManager(FullAttentionManager):
         if partial is not None and partial[0] < len(blocks) and blocks[partial[0]].block_hash is None:
             self._cache([partial[1]], [blocks[partial[0]]])
             self.partial_entries[request_id] = blocks[partial[0]]
+            self._remember_partial_state(computed)
+
+    def _remember_partial_state(self, computed: int) -> None:
+        if computed in self.partial_states:
+            self.partial_states.move_to_end(computed)
+            return
+        self.partial_states[computed] = None
+        if len(self.partial_states) > PARTIAL_STATES:
+            self.partial_states.popitem(last=False)  # an entry still cached there is no longer found
+        self._partial_sorted = None
 
     def _cache(self, block_hashes: list, blocks: list) -> None:
         self.block_pool.cache_full_blocks(request=_Hashed(block_hashes), blocks=blocks, num_cached_blocks=0,

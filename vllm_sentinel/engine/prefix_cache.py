@@ -29,6 +29,7 @@ compression off, never share a block.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any, Callable
 
 from vllm.v1.core.kv_cache_utils import BlockHash, hash_block_tokens
@@ -120,12 +121,14 @@ class PhysicalBlockHashes:
             del self.tails[old]
 
 
-def longest_hit(hashes: PhysicalBlockHashes, max_tokens: int, lookup) -> tuple[int, list]:
+def longest_hit(hashes: PhysicalBlockHashes, max_tokens: int, lookup, partial_states=None) -> tuple[int, list]:
     """The largest state n <= max_tokens whose blocks are all cached: (n, those blocks).
 
     `lookup(hash)` returns the cached block (or blocks) for a hash, or None. States are tried per
     version k, newest first: final blocks below base(k) (shared by every version), then k's tail
     blocks; a version whose states all end at or before the best hit so far is not tried.
+    `partial_states`: sorted real-token counts at which partial entries were cached (None: probe
+    every count, which hashes up to a block's worth of prefixes per version).
     """
     layout, size = hashes.layout, hashes.block_size
     final_hits = []
@@ -170,7 +173,12 @@ def longest_hit(hashes: PhysicalBlockHashes, max_tokens: int, lookup) -> tuple[i
         # Then a state ending inside the next block, latest first.
         i = first + len(tail)
         top = min(max_tokens, last, layout.tokens_in_slots((i + 1) * size, version) - 1)
-        for n in range(top, max(layout.tokens_in_slots(i * size, version), earliest - 1, best), -1):
+        low = max(layout.tokens_in_slots(i * size, version), earliest - 1, best)
+        if partial_states is None:
+            candidates = range(top, low, -1)
+        else:
+            candidates = reversed(partial_states[bisect_right(partial_states, low): bisect_right(partial_states, top)])
+        for n in candidates:
             partial = hashes.partial_hash(n)
             block = lookup(partial[1]) if partial is not None else None
             if block is not None:
