@@ -289,3 +289,35 @@ def test_windowed_physical_len_peaks_and_the_step_plan(schedule):
     assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
     assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
     assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
+
+
+def test_folds_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
+    """The masked path's accumulator: keys folded in tiles, per group member masks, rows that see
+    nothing in a tile, a row folded in two groups, padding rows on a spare row. The result is one
+    softmax over each row's visible keys."""
+    from vllm_sentinel.engine.backend import OnlineSoftmax
+
+    torch.manual_seed(0)
+    rows, kv_heads, per_kv, dim, keys = 7, 2, 3, 16, 40
+    q = torch.randn(rows + 1, kv_heads, per_kv, dim)
+    k, v = torch.randn(keys, kv_heads, dim), torch.randn(keys, kv_heads, dim)
+    visible = torch.rand(rows, keys) < 0.5
+    visible[:, 0] = True
+    index = torch.tensor([[0, 1, 2, 3], [4, 5, 6, -1]])  # two members; -1 pads onto the spare row
+    index = torch.where(index >= 0, index, rows)
+    state = OnlineSoftmax(rows + 1, kv_heads, per_kv, dim, "cpu")
+    seen = torch.cat([visible, torch.ones(1, keys, dtype=torch.bool)])
+    for first in range(0, 30, 8):  # keys [0, 30) in tiles, member 1 sees a shorter prefix of them
+        tile = slice(first, min(first + 8, 30))
+        length = torch.tensor([30, 12])
+        member_mask = (torch.arange(tile.start, tile.stop) < length[:, None])[:, None, :] & seen[index][:, :, tile]
+        state.fold(index, q[index], k[tile].expand(2, -1, -1, -1), v[tile].expand(2, -1, -1, -1), member_mask)
+    state.fold(torch.tensor([[2, 5]]), q[[2, 5]].unsqueeze(0), k[30:].unsqueeze(0), v[30:].unsqueeze(0),
+               seen[[2, 5]][:, 30:].unsqueeze(0))  # rows 2 and 5 also see keys [30, 40)
+    expected_visible = visible.clone()
+    expected_visible[:, 30:] = False
+    expected_visible[[2, 5], 30:] = visible[[2, 5], 30:]
+    expected_visible[4:, 12:30] = False
+    scores = torch.einsum("rhjd,khd->rhjk", q[:rows], k).masked_fill(~expected_visible[:, None, None, :], float("-inf"))
+    expected = torch.einsum("rhjk,khd->rhjd", torch.softmax(scores, -1), v)
+    assert torch.allclose(state.result()[:rows], expected, atol=1e-5)

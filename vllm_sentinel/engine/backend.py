@@ -7,7 +7,8 @@ Every request's chunk is either
 - *masked* (a span is compacted): a `<CR>` is in the chunk (seeing its `<CL>` as a constant key
   and value the model runner supplies), and tokens after a `<CR>` must no longer see its span.
   Its rows never go through the kernel (the kernel gets the plain requests only); they are
-  attended once, in torch, in two parts merged by log-sum-exp:
+  attended once, by torch's fused CPU attention kernel on padded groups, in two parts merged by
+  the log-sum-exp it returns:
   - the *stable* prefix (the sink, the compacted `<CR>`s and gaps: `ChunkPlan.stable_len`), seen
     whole by every real token and by no sentinel: read straight from the paged cache in tiles of
     whole blocks, no mask;
@@ -440,8 +441,7 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
                 # Every request's first tile holds at least one of its keys, so no row is left with
                 # nothing to attend to; a later tile past a short prefix folds in nothing.
                 seen = first * block_size + torch.arange(k.shape[1], device=k.device) < group.lengths[:, None]
-                state.fold(index, queries, k.float(), v.float(),
-                           None if bool(seen.all()) else seen[:, None, :].expand(-1, index.shape[1], -1))
+                state.fold(index, queries, k.float(), v.float(), None if bool(seen.all()) else seen[:, None, :])
         for group in meta.masked:
             index = torch.where(group.query_rows >= 0, group.query_rows, rows)
             state.fold(index, q[index], bank_k[group.keys].float(), bank_v[group.keys].float(), group.visible)
@@ -449,26 +449,39 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
 
 
 class OnlineSoftmax:
-    """Softmax attention accumulated over key blocks (flash-attention style), per row and head."""
+    """Softmax attention accumulated over key blocks, per row and head: each fold is one call of
+    torch's fused CPU attention kernel, which also returns the log-sum-exp, and folds are merged
+    by it (the normalised output and its log-sum-exp are the running state)."""
 
     def __init__(self, rows: int, kv_heads: int, per_kv: int, dim: int, device):
-        self.max = torch.full((rows, kv_heads, per_kv), float("-inf"), device=device)
-        self.sum = torch.zeros((rows, kv_heads, per_kv), device=device)
-        self.acc = torch.zeros((rows, kv_heads, per_kv, dim), device=device)
+        self.lse = torch.full((rows, kv_heads, per_kv), float("-inf"), device=device)
+        self.out = torch.zeros((rows, kv_heads, per_kv, dim), device=device)
 
     def fold(self, index, q, k, v, visible) -> None:
         """index [G, Q] rows (distinct, but for the spare padding row); q [G, Q, Hkv, g, D], pre-scaled;
-        k, v [G, K, Hkv, D]; visible [G, Q, K] bool or None (all visible)."""
-        scores = torch.einsum("gqhjd,gkhd->gqhjk", q, k)
+        k, v [G, K, Hkv, D]; visible [G, Q, K] or [G, 1, K] (the same for every row) bool, or None
+        (all visible)."""
+        groups, queries, kv_heads, per_kv, dim = q.shape
+        # Grouped-query attention as plain attention: a KV head's query heads become extra rows.
+        rows = q.permute(0, 2, 1, 3, 4).reshape(groups, kv_heads, queries * per_kv, dim)
+        mask = None
         if visible is not None:
-            scores.masked_fill_(~visible[:, :, None, None, :], float("-inf"))
-        old_max = self.max[index]
-        new_max = torch.maximum(old_max, scores.amax(-1))
-        weights = torch.exp(scores - new_max.unsqueeze(-1))
-        rescale = torch.exp(old_max - new_max)
-        self.sum[index] = self.sum[index] * rescale + weights.sum(-1)
-        self.acc[index] = self.acc[index] * rescale.unsqueeze(-1) + torch.einsum("gqhjk,gkhd->gqhjd", weights, v)
-        self.max[index] = new_max
+            mask = torch.zeros(visible.shape, dtype=rows.dtype, device=rows.device).masked_fill_(~visible, float("-inf"))
+            mask = (mask if visible.shape[1] == 1 else mask.repeat_interleave(per_kv, dim=1)).unsqueeze(1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rows, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask, scale=1.0)
+        out = out.view(groups, kv_heads, queries, per_kv, dim).permute(0, 2, 1, 3, 4)
+        lse = lse.view(groups, kv_heads, queries, per_kv).permute(0, 2, 1, 3)
+        if visible is not None:  # the kernel reports 0 for a row that sees nothing; it weighs nothing
+            lse = lse.masked_fill(~visible.any(-1)[:, :, None, None], float("-inf"))
+        old = self.lse[index]
+        if bool(torch.isneginf(old).all()):  # the rows' first fold (a fresh prefill's only one)
+            self.out[index], self.lse[index] = out, lse
+            return
+        merged = torch.logaddexp(old, lse)
+        self.out[index] = (self.out[index] * torch.exp(old - merged).unsqueeze(-1)
+                           + out * torch.exp(lse - merged).unsqueeze(-1))
+        self.lse[index] = merged
 
     def result(self) -> torch.Tensor:
-        return self.acc / self.sum.clamp(min=torch.finfo(self.sum.dtype).tiny).unsqueeze(-1)
+        return self.out
