@@ -56,7 +56,8 @@ WORKLOADS = {
     "kv-bound": Workload("kv-bound", 32, 64, 1536, kv_budget_requests=2.75),
     "overhead": Workload("overhead", 64, 128, 128),
     "prefill": Workload("prefill", 16, 1536, 16),
-    "long-gen": Workload("long-gen", 16, 64, 3072, kv_budget_requests=2.75, stock_on_budget=False),
+    # 32 x 4,096 tokens: the tiny model's whole context (4,096 positions)
+    "long-gen": Workload("long-gen", 32, 64, 4032, kv_budget_requests=2.75, stock_on_budget=False),
 }
 SWEEP = Workload("span-sweep", 16, 64, 512, kv_budget_requests=4)
 SWEEP_SPANS = (4, 8, 16, 32)
