@@ -235,7 +235,7 @@ class SentinelAttentionManager(FullAttentionManager):
         hashes.forget_tails_before(hashes.layout.num_closed(computed))
         full = min(len(state), len(blocks))
         previous = self.partial_entries.get(request_id)
-        if partial or (previous is not None and previous in blocks[cached:full]):
+        if partial or (previous is not None and any(previous is block for block in blocks[cached:full])):
             self.partial_entries.pop(request_id, None)
             if previous is not None and previous.block_hash is not None:
                 self.block_pool.evict_blocks({previous.block_id})
