@@ -150,15 +150,15 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
 class MaskedGroup:
     """Segments attended together in one padded call."""
 
-    query_rows: torch.Tensor  # [G, Q] masked rows, -1 for padding
+    query_rows: torch.Tensor  # [G, Q] masked rows; padding: the spare row (the step's masked row count)
     keys: torch.Tensor        # [G, K] indices into the key bank (padding: 0, never visible)
     visible: torch.Tensor     # [G, Q, K] bool
 
 
-def pad_group(pieces: list[Segment], device) -> MaskedGroup:
+def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
     q_max = max(piece.query_rows.numel() for piece in pieces)
     k_max = max(piece.keys.numel() for piece in pieces)
-    query_rows = torch.full((len(pieces), q_max), -1, dtype=torch.long)
+    query_rows = torch.full((len(pieces), q_max), spare, dtype=torch.long)
     keys = torch.zeros((len(pieces), k_max), dtype=torch.long)
     visible = torch.zeros((len(pieces), q_max, k_max), dtype=torch.bool)
     visible[:, :, 0] = True  # padding rows attend somewhere (their output is dropped), so no NaN
@@ -180,16 +180,16 @@ class StablePrefixGroup:
     """Masked requests whose stable prefixes are attended together: each request's real tokens
     against its own prefix, padded to the group's longest (keys past a prefix's length are hidden)."""
 
-    rows: torch.Tensor     # [G, Q] masked rows of each request's real tokens, -1 for padding
+    rows: torch.Tensor     # [G, Q] masked rows of each request's real tokens; padding: the spare row
     blocks: torch.Tensor   # [G, B] physical blocks holding each prefix's slots (padding: the first block)
     lengths: torch.Tensor  # [G] stable prefix length per request
 
 
-def pad_stable_group(prefixes: list[tuple[torch.Tensor, torch.Tensor, int]], device) -> StablePrefixGroup:
+def pad_stable_group(prefixes: list[tuple[torch.Tensor, torch.Tensor, int]], spare: int, device) -> StablePrefixGroup:
     """(rows, blocks, length) per request, as one padded group."""
     q_max = max(rows.numel() for rows, _, _ in prefixes)
     b_max = max(blocks.numel() for _, blocks, _ in prefixes)
-    rows = torch.full((len(prefixes), q_max), -1, dtype=torch.long)
+    rows = torch.full((len(prefixes), q_max), spare, dtype=torch.long)
     blocks = torch.empty((len(prefixes), b_max), dtype=torch.long)
     for i, (own_rows, own_blocks, _) in enumerate(prefixes):
         rows[i, :own_rows.numel()] = own_rows
@@ -270,6 +270,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             offset += chunk.cached_len - stable_len
             first_row += chunk.num_tokens
         masked_rows = token_rows(starts, masked_requests)
+        spare = masked_rows.numel()  # the accumulators' extra row, where padding rows land
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)
         stable_groups = group_by_size([(rows.numel(), length) for rows, _, length in stable],
@@ -277,8 +278,9 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         none = torch.zeros(0, dtype=torch.long)
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, plain_rows,
                                          masked_rows.to(device), torch.cat(volatile_slots).to(device),
-                                         [pad_stable_group([stable[i] for i in group], device) for group in stable_groups],
-                                         [pad_group([pieces[i] for i in group], device) for group in groups],
+                                         [pad_stable_group([stable[i] for i in group], spare, device)
+                                          for group in stable_groups],
+                                         [pad_group([pieces[i] for i in group], spare, device) for group in groups],
                                          torch.cat(move_rows or [none]).to(device),
                                          torch.cat(move_slots or [none]).to(device),
                                          self.step.cl_keys, self.step.cl_values)
@@ -431,8 +433,7 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         reader = self._reader(layer, kv_cache) if meta.stable else None
         block_size = reader.block_size if reader else 0
         for group in meta.stable:
-            index = torch.where(group.rows >= 0, group.rows, rows)
-            queries = q[index]
+            queries = q[group.rows]
             per_tile = max(1, SCORE_BUDGET // (group.rows.numel() * heads * block_size))
             for first in range(0, group.blocks.shape[1], per_tile):
                 tile = group.blocks[:, first: first + per_tile]
@@ -441,10 +442,10 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
                 # Every request's first tile holds at least one of its keys, so no row is left with
                 # nothing to attend to; a later tile past a short prefix folds in nothing.
                 seen = first * block_size + torch.arange(k.shape[1], device=k.device) < group.lengths[:, None]
-                state.fold(index, queries, k.float(), v.float(), None if bool(seen.all()) else seen[:, None, :])
+                state.fold(group.rows, queries, k.float(), v.float(), None if bool(seen.all()) else seen[:, None, :])
         for group in meta.masked:
-            index = torch.where(group.query_rows >= 0, group.query_rows, rows)
-            state.fold(index, q[index], bank_k[group.keys].float(), bank_v[group.keys].float(), group.visible)
+            state.fold(group.query_rows, q[group.query_rows], bank_k[group.keys].float(), bank_v[group.keys].float(),
+                       group.visible)
         return state.result()[:rows].view(rows, heads, dim)
 
 
