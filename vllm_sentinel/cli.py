@@ -148,7 +148,7 @@ def cmd_bench_serve(args) -> None:
     from .bench.throughput import realistic_dummy_model
     from .bench.serve import ServeWorkload, format_report, serve_bench
 
-    serve_args = ["--kv-cache-memory-bytes", "8G"] + ([] if args.compile else ["--enforce-eager"])
+    serve_args = [] if args.compile else ["--enforce-eager"]
     model = args.model
     if model is None:
         model = str(realistic_dummy_model(Path(args.out) / "model-dummy"))

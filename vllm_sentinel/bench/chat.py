@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SentinelConfig
-from .throughput import BLOCK_SIZE, random_prompts
+from .throughput import BLOCK_SIZE, pool_settings, random_prompts
 
 ENGINES = (("stock", False, True), ("sentinel, no prefix caching", True, False), ("sentinel", True, True))
 
@@ -87,10 +87,10 @@ def run_engine(model_dir: str, sentinel: bool, caching: bool, workload: ChatWork
     avoid = SentinelConfig.load(model_dir).sentinel_ids
     vocab = config["vocab_size"]
     longest = max(workload.requests, workload.conversations) * workload.max_model_len
-    kwargs = {**settings, "block_size": BLOCK_SIZE, "max_model_len": workload.max_model_len, "seed": 0,
-              "disable_log_stats": False, "enable_prefix_caching": caching, "kv_cache_memory_bytes": 8 << 30,
+    kwargs = {**settings, "max_model_len": workload.max_model_len, "seed": 0,
+              "disable_log_stats": False, "enable_prefix_caching": caching,
               # ample for stock: every request of the larger workload uncompressed, with a quarter to spare
-              "num_gpu_blocks_override": int(1.25 * longest / BLOCK_SIZE) + 1}
+              **pool_settings(config, int(1.25 * longest / BLOCK_SIZE) + 1, settings["dtype"])}
     if workload.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = workload.max_num_batched_tokens
     if sentinel:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..engine.layout import cdiv
+from .throughput import pool_settings
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 METRICS = ("ttft", "tpot", "itl")
@@ -59,8 +60,12 @@ def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s
 def run_backend(model: str, backend: str, workload: ServeWorkload, out_dir: Path, serve_args: list[str]) -> dict:
     port = free_port()
     log = out_dir / f"serve-{backend}.log"
+    config = json.loads((Path(model) / "config.json").read_text())
+    dtype = serve_args[serve_args.index("--dtype") + 1] if "--dtype" in serve_args else "auto"
+    pool = pool_settings(config, workload.kv_blocks, dtype, workload.block_size)
     command = [VLLM, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--block-size",
-               str(workload.block_size), "--num-gpu-blocks-override", str(workload.kv_blocks),
+               str(pool["block_size"]), "--num-gpu-blocks-override", str(pool["num_gpu_blocks_override"]),
+               "--kv-cache-memory-bytes", str(pool["kv_cache_memory_bytes"]),
                "--max-model-len", str(workload.input_len + workload.output_len), *serve_args]
     if backend == "sentinel":
         command += ["--attention-backend", "sentinel"]

@@ -80,14 +80,30 @@ def random_prompts(count: int, length: int, vocab: int, avoid: tuple[int, ...], 
     return prompts.tolist()
 
 
-def engine_kwargs(workload: Workload, dtype: str, load_format: str, enforce_eager: bool) -> dict:
+def pool_settings(config: dict, num_blocks: int, dtype: str, block_size: int = BLOCK_SIZE) -> dict:
+    """Engine options for a KV pool of exactly `num_blocks` blocks of `block_size` tokens.
+
+    vLLM allocates the override's blocks whatever `kv_cache_memory_bytes` says, but on CPU it first
+    checks that figure against the free memory of the NUMA node: give it the pool's true size, so
+    the check is about this pool (a fixed 8 GiB failed on a node with 7.7 GiB free)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    served = (config.get("dtype") or config.get("torch_dtype")) if dtype == "auto" else dtype
+    itemsize = 2 if served in ("bfloat16", "float16", "half") else 4
+    block_bytes = config["num_hidden_layers"] * 2 * kv_heads * head_dim * block_size * itemsize
+    return {"block_size": block_size, "num_gpu_blocks_override": num_blocks,
+            "kv_cache_memory_bytes": num_blocks * block_bytes}
+
+
+def engine_kwargs(workload: Workload, config: dict, dtype: str, load_format: str, enforce_eager: bool) -> dict:
     length = workload.input_len + workload.output_len
     # "Ample" is every request fully uncompressed, with room to spare; a budget is a KV pool of
     # the given size. Either way the pool is allocated to that size, not to all of memory.
     tokens = workload.kv_budget_tokens or int(1.25 * workload.num_prompts * length)
-    return {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager, "block_size": BLOCK_SIZE,
-            "max_model_len": length, "disable_log_stats": False, "seed": 0, "kv_cache_memory_bytes": 8 << 30,
-            "num_gpu_blocks_override": cdiv(tokens, BLOCK_SIZE) + 1}  # + vLLM's null block
+    return {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager,
+            "max_model_len": length, "disable_log_stats": False, "seed": 0,
+            **pool_settings(config, cdiv(tokens, BLOCK_SIZE) + 1, dtype)}  # + vLLM's null block
 
 
 def kv_slots_per_request(record) -> dict | None:
@@ -136,8 +152,8 @@ def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=
     sentinel = SentinelConfig.load(model_dir)
     first = workloads[0]
     prompts = random_prompts(first.num_prompts, first.input_len, config["vocab_size"], sentinel.sentinel_ids)
-    engine_settings = engine_kwargs(first, **settings)
-    ample_settings = engine_kwargs(replace(first, kv_budget_requests=None), **settings)
+    engine_settings = engine_kwargs(first, config, **settings)
+    ample_settings = engine_kwargs(replace(first, kv_budget_requests=None), config, **settings)
     runs = {}
     for backend in backends:
         if backend == "stock" and first.kv_budget_requests is not None and len(workloads) == 1:
@@ -316,7 +332,8 @@ def _long_prompt_child(spec: dict) -> dict:
     length, span = spec["length"], spec["span"]
     # a pool of exactly one uncompressed request: the prompt and its output token fit stock too
     workload = Workload("long-prompt", 1, length, 16, kv_budget_requests=1.0)
-    kwargs = engine_kwargs(workload, dtype="bfloat16", load_format="dummy", enforce_eager=True)
+    config = json.loads((Path(spec["model"]) / "config.json").read_text())
+    kwargs = engine_kwargs(workload, config, dtype="bfloat16", load_format="dummy", enforce_eager=True)
     if spec["backend"] == "sentinel":
         kwargs["attention_backend"] = "sentinel"
     llm = LLM(model=spec["model"], **kwargs)
