@@ -113,3 +113,63 @@ def test_on_another_vllm_version_stock_serves_and_only_the_sentinel_backend_is_r
     assert "stock served" in result.stdout
     assert "refused: --attention-backend sentinel is not available" in result.stdout
     assert "written for vLLM 0.32.0 and vLLM 0.99.0 is installed" in result.stdout
+
+
+# -- positions past the rotary table ----------------------------------------------------------------
+ROTARY_POSITIONS = 512  # the model's max_position_embeddings: its rotary table's length
+
+LONG_MAX_MODEL_LEN_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # vLLM then allows max_model_len past the table, warning
+    from vllm import LLM
+    LLM(model=sys.argv[1], attention_backend="sentinel", enforce_eager=True, dtype="float32",
+        max_model_len=int(sys.argv[2]), kv_cache_memory_bytes=32 << 20)
+    print("sentinel started")
+""")
+
+
+@pytest.fixture(scope="module")
+def short_rotary_model(tmp_path_factory):
+    from vllm_sentinel.random_model import LlamaShape, write_random_sentinel_model
+
+    out = tmp_path_factory.mktemp("short-rotary")
+    write_random_sentinel_model(out, LlamaShape(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                                                intermediate_size=256, max_position_embeddings=ROTARY_POSITIONS),
+                                ScheduleConfig(*ENGINE_MODEL_SCHEDULE), init_std=0.1, logit_scale=8.0)
+    return out
+
+
+def test_a_max_model_len_past_the_rotary_table_is_refused_at_start_up(short_rotary_model):
+    """As `vllm serve` runs it (EngineCore in its own process): the engine never starts, so no
+    request can reach a position without a rotation, and the message names both numbers and the fix."""
+    result = subprocess.run([sys.executable, "-c", LONG_MAX_MODEL_LEN_SCRIPT, str(short_rotary_model), "1024"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "sentinel started" not in result.stdout
+    log = result.stdout + result.stderr  # the worker's error is in vLLM's log, on stdout by default
+    assert f"max_model_len 1024 exceeds the {ROTARY_POSITIONS} positions the model's rotary embedding covers" in log
+    assert f"Lower --max-model-len to at most {ROTARY_POSITIONS}" in log
+
+
+def test_prompts_up_to_the_last_rotary_position_are_exact_and_a_longer_one_is_refused_alone(short_rotary_model):
+    """max_model_len = the table: the last positions are exact against the oracle, next to a short
+    request; a prompt past max_model_len is the front end's error and the engine serves on."""
+    oracle = Oracle(short_rotary_model)
+    llm = make_llm(short_rotary_model, max_model_len=ROTARY_POSITIONS)
+    try:
+        long_prompt = [(13 * i) % 4000 + 5 for i in range(ROTARY_POSITIONS - 12)]
+        short_prompt = PROMPT[:20]
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+        outputs = llm.generate([{"prompt_token_ids": long_prompt}, {"prompt_token_ids": short_prompt}], params,
+                               use_tqdm=False)
+        schedule = ScheduleConfig(*ENGINE_MODEL_SCHEDULE)
+        for prompt, output in zip((long_prompt, short_prompt), outputs):
+            assert len(output.outputs[0].token_ids) == 12
+            assert oracle.check(prompt, output, schedule) < 1e-4
+        from vllm.exceptions import VLLMValidationError
+
+        with pytest.raises(VLLMValidationError, match="maximum context length is 512 tokens"):
+            llm.generate([{"prompt_token_ids": long_prompt + PROMPT}], params, use_tqdm=False)
+        [again] = llm.generate([{"prompt_token_ids": short_prompt}], params, use_tqdm=False)
+        assert list(again.outputs[0].token_ids) == list(outputs[1].outputs[0].token_ids)
+    finally:
+        close(llm)

@@ -29,6 +29,22 @@ from .plan import StepPlan
 from .settings import EngineSettings
 
 
+def check_rotary_coverage(ropes, max_model_len: int, model: str) -> None:
+    """Refuse an engine whose positions run past the rotary table, before it serves anything.
+
+    vLLM lets `max_model_len` exceed the model's positions under VLLM_ALLOW_LONG_MAX_MODEL_LEN=1;
+    its own CPU rotary kernel then reads past the end of `cos_sin_cache` (no rotation is defined
+    there), and our `<CL>` rotation, which indexes the same table, raised and took EngineCore and
+    every request with it. Neither can be exact against anything, so the engine does not start."""
+    covered = min(int(rope.cos_sin_cache.shape[0]) for rope in ropes)
+    if max_model_len > covered:
+        raise ValueError(
+            f"--attention-backend sentinel: max_model_len {max_model_len} exceeds the {covered} positions the "
+            f"model's rotary embedding covers (max_position_embeddings and rope_scaling in {model}/config.json); "
+            f"positions past {covered} have no defined rotation. Lower --max-model-len to at most {covered}, or, if "
+            "the model was trained for longer contexts, raise max_position_embeddings or set rope_scaling there")
+
+
 class SentinelModelRunnerMixin:
     """The sentinel behaviour, for any `GPUModelRunner` subclass (the CPU one here)."""
 
@@ -76,6 +92,7 @@ class SentinelModelRunnerMixin:
                 f"the sentinel backend needs a decoder whose attention layers share one rotary embedding "
                 f"(Llama family); {type(self.model).__name__} has {len(layers)} attention layers and "
                 f"{len(ropes)} rotary embeddings")
+        check_rotary_coverage(ropes, self.model_config.max_model_len, self.model_config.model)
         recorded = {}
 
         def single_key_attention(attn):
