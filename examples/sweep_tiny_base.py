@@ -8,8 +8,8 @@ table. `make-tiny` uses the winner.
 """
 import argparse
 
-from vllm_sentinel.corpus import DEFAULT_CORPUS, corpus_streams, load_documents, split_documents
-from vllm_sentinel.pretrain import BaseModelConfig, pretrain_base, train_tokenizer
+from vllm_sentinel.training.corpus import DEFAULT_CORPUS, corpus_streams, load_documents, split_documents
+from vllm_sentinel.training.pretrain import BaseModelConfig, pretrain_base, train_tokenizer
 
 CANDIDATES = [  # (hidden, layers, intermediate); head_dim 64 throughout
     (192, 4, 512),

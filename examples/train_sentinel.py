@@ -10,8 +10,8 @@ transformers and `vllm serve --attention-backend sentinel` load. The command lin
 import argparse
 
 from vllm_sentinel import ScheduleConfig, SentinelConfig, TrainConfig, perplexity, train
-from vllm_sentinel.corpus import DEFAULT_CORPUS, corpus_streams
-from vllm_sentinel.training import load_base
+from vllm_sentinel.training.corpus import DEFAULT_CORPUS, corpus_streams
+from vllm_sentinel.training.recipe import load_base
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from vllm import SamplingParams
 
 from engine_helpers import close, make_llm
 from vllm_sentinel.batch import read_prompts
-from vllm_sentinel.corpus import DEFAULT_CORPUS, load_documents
+from vllm_sentinel.training.corpus import DEFAULT_CORPUS, load_documents
 
 CLI = str(Path(sys.executable).parent / "vllm-sentinel")
 ENGINE_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "64M", "--max-model-len", "1024", "--enforce-eager",

@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_sentinel.config import SentinelConfig
-from vllm_sentinel.corpus import DEFAULT_CORPUS, load_documents, split_documents
-from vllm_sentinel.pretrain import BASE_VOCAB, BaseModelConfig, heldout_perplexity, pretrain_base, train_tokenizer
-from vllm_sentinel.tiny import REPORT_FILE, TinyConfig, make_tiny
-from vllm_sentinel.training import TrainConfig
+from vllm_sentinel.training.corpus import DEFAULT_CORPUS, load_documents, split_documents
+from vllm_sentinel.training.pretrain import BASE_VOCAB, BaseModelConfig, heldout_perplexity, pretrain_base, train_tokenizer
+from vllm_sentinel.training.tiny import REPORT_FILE, TinyConfig, make_tiny
+from vllm_sentinel.training.recipe import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_sentinel.corpus import DEFAULT_CORPUS
+from vllm_sentinel.training.corpus import DEFAULT_CORPUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from vllm_sentinel.batching import build_example
+from vllm_sentinel.training.batching import build_example
 from vllm_sentinel.config import ScheduleConfig
-from vllm_sentinel.corpus import DEFAULT_CORPUS
+from vllm_sentinel.training.corpus import DEFAULT_CORPUS
 from vllm_sentinel.masks import sentinel_kv_budget, sink_window_attention_mask
-from vllm_sentinel.pretrain import BaseModelConfig
+from vllm_sentinel.training.pretrain import BaseModelConfig
 from vllm_sentinel.quality import METHODS, QualityConfig, format_report, plan, run_quality
 from vllm_sentinel.quality.corpora import round_robin_windows, stdlib_files
 from vllm_sentinel.quality.methods import last_query_keys, sentinel_keys, spans_of

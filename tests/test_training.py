@@ -7,11 +7,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import tiny_llama
-from vllm_sentinel import training
+from vllm_sentinel.training import recipe as sentinel_recipe
 from vllm_sentinel.config import ScheduleConfig, SentinelConfig
 from vllm_sentinel.oracle import dense_logits
 from vllm_sentinel.schedule import ScheduledSpans
-from vllm_sentinel.training import TrainConfig, train
+from vllm_sentinel.training.recipe import TrainConfig, train
 
 VOCAB = 128
 # A learnable stream: an arithmetic pattern, so loss must fall if training works.
@@ -71,7 +71,7 @@ def test_merge_preserves_the_trained_function(tmp_path):
     """Logits of the in-memory peft model == logits of the merged, saved, reloaded model."""
     model = tiny_llama(vocab_size=VOCAB)
     captured = {}
-    original = training.merged
+    original = sentinel_recipe.merged
 
     def keep_peft_logits(peft_model):
         sentinel = SentinelConfig(cl_token_id=VOCAB, cr_token_id=VOCAB + 1, schedule=ScheduleConfig(2, 8, 0))
@@ -81,11 +81,11 @@ def test_merge_preserves_the_trained_function(tmp_path):
         captured["args"] = (ids, sentinel)
         return original(peft_model)
 
-    training.merged = keep_peft_logits
+    sentinel_recipe.merged = keep_peft_logits
     try:
         train(model, word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(steps=15), tmp_path)
     finally:
-        training.merged = original
+        sentinel_recipe.merged = original
     ids, sentinel = captured["args"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     after = dense_logits(reloaded, ids, ScheduledSpans(sentinel.schedule).spans(100), sentinel)
@@ -94,7 +94,7 @@ def test_merge_preserves_the_trained_function(tmp_path):
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_batch = training.WindowSampler.batch
+    real_batch = sentinel_recipe.WindowSampler.batch
 
     def crash_at_step_25(self):
         calls["n"] += 1
@@ -102,12 +102,12 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real_batch(self)
 
-    monkeypatch.setattr(training.WindowSampler, "batch", crash_at_step_25)
+    monkeypatch.setattr(sentinel_recipe.WindowSampler, "batch", crash_at_step_25)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(), tmp_path)
     saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert saved["step"] == 20
-    monkeypatch.setattr(training.WindowSampler, "batch", real_batch)
+    monkeypatch.setattr(sentinel_recipe.WindowSampler, "batch", real_batch)
     resumed = train(tiny_llama(vocab_size=VOCAB), word_tokenizer(), STREAM[:10_000], STREAM[10_000:], recipe(), tmp_path)
     assert resumed["step"] == 40
     assert [e["step"] for e in resumed["log"]] == [20, 40]  # the pre-crash evaluation is kept, not redone
@@ -154,9 +154,9 @@ def test_window_sampler_uses_a_jittered_window_per_sample():
 
     stream = torch.as_tensor(STREAM[:5000])
     cfg = recipe(schedule=ScheduleConfig(2, 8, 0, 12), batch_size=6)
-    sampler = training.WindowSampler(stream, cfg, (VOCAB, VOCAB + 1))
-    reference = training.JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
-    plain = training.JitteredSpans(ScheduleConfig(2, 8, 0), cfg.jitter, seed=cfg.seed)
+    sampler = sentinel_recipe.WindowSampler(stream, cfg, (VOCAB, VOCAB + 1))
+    reference = sentinel_recipe.JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
+    plain = sentinel_recipe.JitteredSpans(ScheduleConfig(2, 8, 0), cfg.jitter, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randint(0, stream.numel() - cfg.seq_len, (cfg.batch_size,), generator=generator)
     batch = sampler.batch()
@@ -178,8 +178,8 @@ def test_every_regime_draws_the_same_windows_in_the_same_order():
     stream = torch.as_tensor(STREAM[:5000])
     texts = {}
     for regime in ("sentinel", "scattered", "local", "full"):
-        sampler = training.WindowSampler(stream, recipe(regime=regime, schedule=ScheduleConfig(2, 8, 0, 4)),
-                                         (VOCAB, VOCAB + 1))
+        sampler = sentinel_recipe.WindowSampler(stream, recipe(regime=regime, schedule=ScheduleConfig(2, 8, 0, 4)),
+                                                (VOCAB, VOCAB + 1))
         batches = [sampler.batch() for _ in range(3)]
         texts[regime] = [b.labels[b.labels != -100] for b in batches]
     for regime in ("scattered", "local", "full"):

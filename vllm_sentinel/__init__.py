@@ -14,8 +14,8 @@ _EXPORTS = {
     "build_stream": "masks", "SentinelStream": "masks",
     "local_attention_mask": "masks", "scattered_attention_mask": "masks",
     "dense_logits": "oracle", "IncrementalSentinelLM": "oracle",
-    "TrainConfig": "training", "train": "training",
-    "perplexity": "evaluate",
+    "TrainConfig": "training.recipe", "train": "training.recipe",
+    "perplexity": "training.evaluate",
 }
 __all__ = sorted(_EXPORTS)
 

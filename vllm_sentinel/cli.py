@@ -28,8 +28,8 @@ def _schedule(args, default: ScheduleConfig) -> ScheduleConfig:
 
 
 def cmd_train(args) -> None:
-    from .corpus import corpus_streams
-    from .training import TrainConfig, load_base, train
+    from .training.corpus import corpus_streams
+    from .training.recipe import TrainConfig, load_base, train
 
     schedule = _schedule(args, ScheduleConfig(window=args.window))
     cfg = TrainConfig(schedule=schedule, regime=args.regime, seq_len=args.seq_len,
@@ -45,7 +45,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_make_tiny(args) -> None:
-    from .tiny import TinyConfig, format_report, make_tiny
+    from .training.tiny import TinyConfig, format_report, make_tiny
 
     report = make_tiny(args.out, TinyConfig(), force=args.force)
     print(format_report(report))
@@ -53,9 +53,9 @@ def cmd_make_tiny(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .corpus import corpus_streams
-    from .evaluate import perplexity
-    from .training import load_base
+    from .training.corpus import corpus_streams
+    from .training.evaluate import perplexity
+    from .training.recipe import load_base
 
     model, tokenizer = load_base(args.model)
     sentinel = SentinelConfig.load(args.model)
@@ -190,7 +190,7 @@ def cmd_quality(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .corpus import DEFAULT_CORPUS
+    from .training.corpus import DEFAULT_CORPUS
 
     parser = argparse.ArgumentParser(prog="vllm-sentinel", description=__doc__)
     parser.add_argument("--verbose", action="store_true",

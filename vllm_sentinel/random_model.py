@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from .config import ScheduleConfig, SentinelConfig
-from .corpus import DEFAULT_CORPUS, load_documents
-from .pretrain import train_tokenizer
-from .training import DEFAULT_CHAT_TEMPLATE
+from .training.corpus import DEFAULT_CORPUS, load_documents
+from .training.pretrain import train_tokenizer
+from .training.recipe import DEFAULT_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)

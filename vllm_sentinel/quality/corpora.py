@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import Document, encode_documents, load_documents, split_documents
+from ..training.corpus import Document, encode_documents, load_documents, split_documents
 
 CORPORA = ("docs", "stdlib")
 TEST_DIRS = {"test", "tests", "idle_test", "site-packages"}

@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from ..config import ScheduleConfig
-from ..corpus import DEFAULT_CORPUS, load_documents, split_documents
-from ..pretrain import BaseModelConfig, pretrain_base, train_tokenizer
-from ..training import TrainConfig, load_base, train
+from ..training.corpus import DEFAULT_CORPUS, load_documents, split_documents
+from ..training.pretrain import BaseModelConfig, pretrain_base, train_tokenizer
+from ..training.recipe import TrainConfig, load_base, train
 from .corpora import CORPORA, docs_windows, long_document_streams, stdlib_windows
 from .methods import LABELS, METHODS, REGIME, plan, spans_of
 from .scoring import (distant_targets, examples_for, greedy_continue, judge_perplexity, perplexity_of, rouge_l,
@@ -190,7 +190,7 @@ def continuation_scores(generated: list[list[int]], prompts: list[torch.Tensor],
 def base_context_use(base_dir: Path, windows: list[torch.Tensor], batch: int) -> dict:
     """Does the base use distant context? Perplexity of the second half of each window's targets
     with every key, and with only the most recent K keys."""
-    from ..batching import Example
+    from ..training.batching import Example
 
     model, _ = load_base(base_dir)
     n = windows[0].numel()

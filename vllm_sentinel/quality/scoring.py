@@ -17,7 +17,7 @@ import math
 import torch
 from transformers import DynamicCache
 
-from ..batching import build_example, collate
+from ..training.batching import build_example, collate
 from ..masks import IGNORE_INDEX, additive_mask
 
 

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .batching import Batch, batch_loss
-from .masks import IGNORE_INDEX, additive_mask
+from .recall import RecallGenerator, draw_windows
+from ..masks import IGNORE_INDEX, additive_mask
 
 BASE_VOCAB = 4096  # the sentinels are appended after it: <CL> = 4096, <CR> = 4097
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -45,6 +46,7 @@ class BaseModelConfig:
     warmup: int = 30
     steps: int = 800  # a step count, not seconds: the same model on a busy or a quiet machine
     seed: int = 0
+    recall_share: float = 0.0  # share of training windows that are recall documents (recall.py)
 
     def llama_config(self) -> LlamaConfig:
         return LlamaConfig(vocab_size=BASE_VOCAB, hidden_size=self.hidden_size,
@@ -74,8 +76,11 @@ def heldout_perplexity(model, heldout_ids: list[int], seq_len: int, max_tokens: 
     return math.exp(total / (count * (seq_len - 1)))
 
 
-def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[int]):
-    """Train from scratch for `cfg.steps` steps (seeded: the same model on any machine, only the time differs)."""
+def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[int],
+                  recall: RecallGenerator | None = None):
+    """Train from scratch for `cfg.steps` steps (seeded: the same model on any machine, only the time differs).
+
+    With `cfg.recall_share` > 0, that share of the windows are `recall`'s documents instead of prose."""
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(cfg.llama_config())
     model.train()
@@ -91,8 +96,8 @@ def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[
             lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(total_steps - cfg.warmup, 1)))))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        starts = torch.randint(0, data.numel() - cfg.seq_len, (cfg.batch_size,), generator=generator)
-        loss = batch_loss(model, causal_batch(torch.stack([data[s: s + cfg.seq_len] for s in starts.tolist()])))
+        windows = draw_windows(data, cfg.seq_len, cfg.batch_size, generator, recall, cfg.recall_share)
+        loss = batch_loss(model, causal_batch(torch.stack(windows)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

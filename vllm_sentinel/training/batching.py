@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import (IGNORE_INDEX, additive_mask, build_stream, local_attention_mask, scattered_attention_mask,
+from ..masks import (IGNORE_INDEX, additive_mask, build_stream, local_attention_mask, scattered_attention_mask,
                     sink_window_attention_mask)
 
 REGIMES = ("sentinel", "full", "local", "scattered", "sink")

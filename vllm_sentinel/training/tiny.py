@@ -16,11 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ScheduleConfig, SentinelConfig
+from ..config import ScheduleConfig, SentinelConfig
 from .corpus import DEFAULT_CORPUS, corpus_streams, load_documents, split_documents
 from .evaluate import perplexity
 from .pretrain import BaseModelConfig, pretrain_base, train_tokenizer
-from .training import DEFAULT_CHAT_TEMPLATE, TrainConfig, add_sentinel_tokens, load_base, train
+from .recipe import DEFAULT_CHAT_TEMPLATE, TrainConfig, add_sentinel_tokens, load_base, train
 
 REPORT_FILE = "make_tiny_report.json"
 

@@ -11,9 +11,9 @@ import torch
 from tqdm import tqdm
 
 from .batching import batch_loss, build_example, collate
-from .config import ScheduleConfig, SentinelConfig
-from .masks import IGNORE_INDEX
-from .schedule import ScheduledSpans
+from ..config import ScheduleConfig, SentinelConfig
+from ..masks import IGNORE_INDEX
+from ..schedule import ScheduledSpans
 
 
 def windows(token_stream: list[int] | torch.Tensor, window: int, max_tokens: int | None = None) -> list[torch.Tensor]:

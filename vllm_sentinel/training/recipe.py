@@ -13,7 +13,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +21,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .batching import REGIMES, batch_loss, build_example, collate
-from .config import ScheduleConfig, SentinelConfig
+from .recall import RecallConfig, RecallGenerator, draw_windows
+from ..config import ScheduleConfig, SentinelConfig
 from .evaluate import perplexity
-from .oracle import check_custom_mask_support
-from .schedule import JitteredSpans, RandomSpans
+from ..oracle import check_custom_mask_support
+from ..schedule import JitteredSpans, RandomSpans
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # For base models that never had a chat format, so `/v1/chat/completions` works on the result.
@@ -48,6 +49,8 @@ class TrainConfig:
     full_finetune: bool = False
     jitter: float = 0.25
     random_span_fraction: float = 0.0  # share of windows with the paper's random spans instead
+    recall_share: float = 0.0          # share of windows that are recall documents (recall.py)
+    recall: RecallConfig = field(default_factory=RecallConfig)  # their shape (length = seq_len)
     eval_every: int = 100
     eval_tokens: int = 8192
     checkpoint_every: int = 100
@@ -89,8 +92,10 @@ def merged(model):
 class WindowSampler:
     """Random windows of real tokens from the training stream, each with its spans."""
 
-    def __init__(self, token_stream: list[int], cfg: TrainConfig, sentinel_ids: tuple[int, int]):
+    def __init__(self, token_stream: list[int], cfg: TrainConfig, sentinel_ids: tuple[int, int],
+                 recall: RecallGenerator | None = None):
         self.ids = torch.as_tensor(token_stream, dtype=torch.long)
+        self.recall = recall
         if self.ids.numel() <= cfg.seq_len:
             raise ValueError(f"training text has {self.ids.numel()} tokens; need more than seq_len={cfg.seq_len}")
         if cfg.regime not in REGIMES:
@@ -113,11 +118,10 @@ class WindowSampler:
 
     def batch(self):
         n = self.cfg.seq_len
-        starts = torch.randint(0, self.ids.numel() - n, (self.cfg.batch_size,), generator=self.generator)
         examples = []
-        for s in starts.tolist():
+        for ids in draw_windows(self.ids, n, self.cfg.batch_size, self.generator, self.recall, self.cfg.recall_share):
             spans, window = self._spans(n)
-            examples.append(build_example(self.ids[s: s + n], self.cfg.regime, spans, *self.sentinel_ids,
+            examples.append(build_example(ids, self.cfg.regime, spans, *self.sentinel_ids,
                                           generator=self.keep_generator, window=window))
         return collate(examples, pad_id=0)
 
@@ -179,7 +183,8 @@ def train(model, tokenizer, train_stream: list[int], heldout_stream: list[int], 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = WindowSampler(train_stream, cfg, sentinel_ids)
+    recall = RecallGenerator(train_stream, tokenizer, replace(cfg.recall, length=cfg.seq_len)) if cfg.recall_share else None
+    sampler = WindowSampler(train_stream, cfg, sentinel_ids, recall)
 
     checkpoint = out_dir / "checkpoint"
     state = {"step": 0, "elapsed_s": 0.0, "total_steps": cfg.steps, "log": []}
