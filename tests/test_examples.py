@@ -1,5 +1,6 @@
 """Every script in examples/ runs as written (on small models and budgets); openai_stream.py runs in
-test_engine_serve.py, next to the server it needs."""
+test_engine_serve.py, next to the server it needs, and recall_beyond_window.py in test_quality.py, on
+the models of the small quality run."""
 import re
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def run_example(name: str, *args: str, timeout: int = 900) -> str:
 
 
 def test_every_example_is_covered():
-    covered = {"offline_generate.py", "ray_batch.py", "train_sentinel.py", "sweep_tiny_base.py", "openai_stream.py"}
+    covered = {"offline_generate.py", "ray_batch.py", "train_sentinel.py", "sweep_tiny_base.py", "openai_stream.py",
+               "recall_beyond_window.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == covered
 
 

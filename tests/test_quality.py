@@ -5,6 +5,10 @@ part runs, that every method is scored at every ratio on both corpora with match
 and that vLLM and transformers agree on the sentinel+W perplexity of the same windows.
 """
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from vllm_sentinel.config import ScheduleConfig
 from vllm_sentinel.training.corpus import DEFAULT_CORPUS
 from vllm_sentinel.masks import sentinel_kv_budget, sink_window_attention_mask
 from vllm_sentinel.training.pretrain import BaseModelConfig
+from vllm_sentinel.training.recall import RecallConfig
 from vllm_sentinel.quality import METHODS, QualityConfig, format_report, plan, run_quality
 from vllm_sentinel.quality.corpora import round_robin_windows, stdlib_files
 from vllm_sentinel.quality.methods import last_query_keys, sentinel_keys, spans_of
@@ -102,8 +107,23 @@ def test_a_small_quality_run(tmp_path):
                            seq_len=128, batch_size=2, steps=2, warmup=1)
     cfg = QualityConfig(base_model=base, corpus=str(DEFAULT_CORPUS / "tutorial"), out=str(tmp_path), window=128,
                         steps=2, batch_size=2, eval_tokens=256, eval_batch=2, continuation_prompts=2,
-                        continuation_len=8, vllm_ratio=0.75, vllm_windows=2)
+                        continuation_len=8, vllm_ratio=0.75, vllm_windows=2,
+                        recall=RecallConfig(facts=2, queries=2), recall_documents=3)
     report = run_quality(cfg)
+    recall = report["recall"]
+    assert recall["documents"] == {"documents": 6, "queries": 3 + 3 * 2, "digits": 4, "facts": 2, "asked": 2}
+    for row in recall["results"].values():
+        assert set(row) == set(METHODS)
+        for scores in row.values():
+            assert scores["all"]["queries"] == 9
+            assert sum(a["queries"] for a in scores["by_place"].values()) == 9
+            assert sum(a["queries"] for a in scores["by_bucket"].values()) == 9
+    assert set(recall["gate"]["checks"]) and isinstance(recall["gate"]["passed"], bool)
+    # Every recall answer through vLLM is transformers' greedy answer, whatever the (untrained) model says.
+    served = recall["vllm"]
+    assert served["greedy_equal_to_transformers"] == served["verdicts_equal"] == served["queries"] == 9
+    assert all(h < f for h, f in zip(served["kv_slots_per_request"], served["full_attention_slots_per_request"]))
+    assert "recall gate:" in format_report(report) and (tmp_path / "quality-recall.png").stat().st_size > 10_000
     for corpus in ("docs", "stdlib"):
         assert set(report["results"][corpus]) == {"0.5", "0.75", "0.9"}
         for row in report["results"][corpus].values():
@@ -120,4 +140,12 @@ def test_a_small_quality_run(tmp_path):
     assert json.loads((tmp_path / "quality.json").read_text())["config"]["ratios"] == [0.5, 0.75, 0.9]
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     again = run_quality(cfg)  # everything cached: the same figures
-    assert again["results"] == report["results"]
+    assert again["results"] == report["results"] and again["recall"]["results"] == recall["results"]
+    # The user-facing example runs on the run's models: both answers and the KV held are printed.
+    example = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "examples" /
+                                                  "recall_beyond_window.py"), "--quality-dir", str(tmp_path),
+                              "--ratio", "0.75", "--length", "128", "--min-distance", "60"],
+                             capture_output=True, text=True, timeout=600)
+    assert example.returncode == 0, example.stderr[-3000:]
+    assert re.search(r"sentinel\+W through vLLM .*: '.*' (correct|wrong) \| KV held: \d+ slots", example.stdout)
+    assert re.search(r"local attention at the same keys per query .*: '.*' (correct|wrong)", example.stdout)

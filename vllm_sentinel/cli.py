@@ -183,7 +183,8 @@ def cmd_quality(args) -> None:
                         ratios=tuple(float(r) for r in args.ratios.split(",")), window_fraction=args.window_fraction,
                         steps=args.steps, batch_size=args.batch_size, eval_tokens=args.eval_tokens,
                         continuation_prompts=args.continuation_prompts, continuation_len=args.continuation_len,
-                        vllm_ratio=args.vllm_ratio, recipe_overrides=json.loads(args.recipe))
+                        vllm_ratio=args.vllm_ratio, recall_share=args.recall_share,
+                        recall_documents=args.recall_documents, recipe_overrides=json.loads(args.recipe))
     report = run_quality(cfg)
     print(format_report(report))
     print(f"results in {args.out}/quality.json and quality.png")
@@ -317,16 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quality", help="six attention methods at matched KV on a long-context base: full, local, "
                                        "sink+window, scattered, sentinel W=0, sentinel+W",
-                       description="Builds (and caches) a base model trained on windows of 1,024 tokens, fine-tunes "
-                                   "it once per method and compression ratio with the same recipe, steps and data "
-                                   "order, every compressed method holding the same keys per query; scores overall, "
-                                   "distant-token and per-span-position perplexity and greedy continuations on "
-                                   "held-out documents and on the Python standard library's sources; checks the "
-                                   "sentinel+W perplexity through vLLM against transformers. Writes quality.json and "
-                                   "quality.png under --out, where the base and the fine-tunes are cached.")
+                       description="Builds (and caches) a base model pretrained on prose and recall documents up to "
+                                   "windows of 1,024 tokens, fine-tunes it once per method and compression ratio with "
+                                   "the same recipe, steps and data order, every compressed method holding the same "
+                                   "keys per query; scores exact-match recall of facts by their distance (behind a "
+                                   "gate: full attention must answer at every distance, local attention must fall "
+                                   "to chance beyond its window), overall, distant-token and per-span-position "
+                                   "perplexity and greedy continuations on held-out documents and on the Python "
+                                   "standard library's sources; checks sentinel+W through vLLM against transformers "
+                                   "(perplexity and every recall answer). Writes quality.json, quality.png and "
+                                   "quality-recall.png under --out, where the base and the fine-tunes are cached.")
     p.add_argument("--base", default=None, help="an existing base model directory (default: build the long-context "
                    "base under --out)")
-    p.add_argument("--base-steps", type=int, default=1000, help="pretraining steps of the built base (4 windows each)")
+    p.add_argument("--base-steps", type=int, default=3000,
+                   help="pretraining steps of the built base, over its curriculum (quality/pipeline.py, long_base)")
     p.add_argument("--base-config", default="{}", help="more BaseModelConfig fields for the built base, as JSON")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--out", default="runs/quality")
@@ -340,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-prompts", type=int, default=4, help="greedy continuations per corpus and model")
     p.add_argument("--continuation-len", type=int, default=32)
     p.add_argument("--vllm-ratio", type=float, default=0.9, help="the ratio whose sentinel+W model goes through vLLM")
+    p.add_argument("--recall-share", type=float, default=0.5,
+                   help="share of every fine-tune's windows that are recall documents")
+    p.add_argument("--recall-documents", type=int, default=48,
+                   help="held-out recall documents of each kind (passkey, multi-fact) to score")
     p.add_argument("--recipe", default="{}", help="more TrainConfig fields for every fine-tune, as JSON")
     p.set_defaults(func=cmd_quality)
     return parser

@@ -6,7 +6,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,22 +14,36 @@ from tqdm import tqdm
 
 from ..config import ScheduleConfig
 from ..training.corpus import DEFAULT_CORPUS, load_documents, split_documents
-from ..training.pretrain import BaseModelConfig, pretrain_base, train_tokenizer
+from ..training.pretrain import BaseModelConfig, Stage, pretrain_base, train_tokenizer
+from ..training.recall import RecallConfig, RecallGenerator
 from ..training.recipe import TrainConfig, load_base, train
 from .corpora import CORPORA, docs_windows, long_document_streams, stdlib_windows
 from .methods import LABELS, METHODS, REGIME, plan, spans_of
+from .recall import gate, plot_recall, predicted_tokens, score_recall, summarise_recall
 from .scoring import (distant_targets, examples_for, greedy_continue, judge_perplexity, perplexity_of, rouge_l,
                       rouge_n, span_offsets, token_nll)
 
 
-def long_base(**overrides) -> BaseModelConfig:
-    """A small Llama trained on windows of 1,024 tokens of the corpus's long documents: hidden 128
-    (two heads of 64, what vLLM's CPU attention takes), 4 layers, 1.85M parameters; 1,000 steps of
-    4 windows (4.1M tokens; ~9 min on 2 quiet cores). Narrower than the tiny default (256) so that
-    it sees ~3x the tokens in the same CPU time: the run is compute-bound, and a model that has
-    seen more text is the one more likely to have learnt to use distant context."""
+def long_base(steps: int = 3000, **overrides) -> BaseModelConfig:
+    """A small Llama that uses its whole window of 1,024 tokens: hidden 128 (two heads of 64, what
+    vLLM's CPU attention takes), 4 layers, 1.85M parameters, pretrained through a stated curriculum
+    of `steps` steps (3,000 by default, ~22 min on 2 quiet cores):
+
+    1. 60% of the steps on 32 windows of 128 tokens, every one a recall document (3 facts, 3 queries);
+    2. 20% on 8 windows of 512 tokens, half prose, half recall documents (6 facts, 6 queries);
+    3. 20% on 4 windows of 1,024 tokens, half prose, half recall documents (the evaluation's shape).
+
+    Why: the retrieval circuit (find "WORD is" earlier, copy what followed) forms suddenly, after
+    ~1,000 steps of dense short recall documents at a learning rate of 1e-3; on windows of 1,024
+    tokens with prose in the mix, or at 3e-3, it had not formed after 1,500 steps. The later stages
+    carry it to the whole window and teach the prose."""
+    stage_steps = [round(steps * 0.6), round(steps * 0.2)]
+    stage_steps.append(steps - sum(stage_steps))
+    curriculum = (Stage(stage_steps[0], 128, 32, 1.0, RecallConfig(facts=3, queries=3)),
+                  Stage(stage_steps[1], 512, 8, 0.5, RecallConfig(facts=6, queries=6)),
+                  Stage(stage_steps[2], 1024, 4, 0.5, RecallConfig(facts=8, queries=6)))
     shape = {"hidden_size": 128, "num_layers": 4, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 352,
-             "seq_len": 1024, "batch_size": 4, "steps": 1000, "warmup": 30}
+             "seq_len": 1024, "batch_size": 4, "steps": steps, "warmup": 30, "lr": 1e-3, "curriculum": curriculum}
     return BaseModelConfig(**{**shape, **overrides})
 
 
@@ -55,11 +69,18 @@ class QualityConfig:
     vllm_ratio: float = 0.9           # which sentinel+W model goes through vLLM
     vllm_windows: int = 4
     seed: int = 0
+    recall: RecallConfig = field(default_factory=lambda: RecallConfig(facts=8, queries=6))  # length: `window`
+    recall_share: float = 0.5         # of the fine-tuning windows (the base has its own curriculum)
+    recall_documents: int = 48        # held-out recall documents of each kind
     recipe_overrides: dict = field(default_factory=dict)  # more TrainConfig fields
 
     @property
     def eval_windows(self) -> int:
         return max(1, self.eval_tokens // self.window)
+
+    @property
+    def recall_config(self) -> RecallConfig:
+        return replace(self.recall, length=self.window)
 
 
 def _fingerprint(blob) -> str:
@@ -79,7 +100,7 @@ def build_base(cfg: QualityConfig) -> tuple[Path, str]:
     train_docs, _ = split_documents(load_documents(cfg.corpus)[: cfg.max_documents])
     tokenizer = train_tokenizer([d.text for d in train_docs])  # held-out text never shapes the vocabulary
     streams = long_document_streams(cfg.corpus, tokenizer, cfg.base_model.seq_len, cfg.max_documents)
-    model, stats = pretrain_base(cfg.base_model, *streams)
+    model, stats = pretrain_base(cfg.base_model, *streams, tokenizer=tokenizer)
     stats["train_tokens_in_long_documents"] = len(streams[0])
     tmp = base_dir.with_name(base_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +117,8 @@ def recipe(cfg: QualityConfig, method: str, schedule: ScheduleConfig | None) -> 
     return TrainConfig(schedule=schedule or ScheduleConfig(), regime=REGIME[method], seq_len=cfg.window,
                        batch_size=cfg.batch_size, steps=cfg.steps, lora_rank=cfg.lora_rank, eval_every=10**9,
                        warmup=cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 10),
-                       checkpoint_every=10**9, eval_tokens=cfg.window, seed=cfg.seed, **cfg.recipe_overrides)
+                       checkpoint_every=10**9, eval_tokens=cfg.window, seed=cfg.seed,
+                       recall_share=cfg.recall_share, recall=cfg.recall_config, **cfg.recipe_overrides)
 
 
 def fine_tune(cfg: QualityConfig, base_dir: Path, method: str, schedule, streams, out_dir: Path) -> Path:
@@ -230,6 +252,52 @@ def vllm_check(model_dir: Path, windows: list[torch.Tensor], transformers_nll: t
             "max_token_logprob_difference": float((engine - reference).abs().max()), "tokens": engine.numel()}
 
 
+def vllm_recall_check(model_dir: Path, documents, schedule: ScheduleConfig, transformers_rows: list[dict],
+                      batch_size: int) -> dict:
+    """Every recall query through vLLM (sentinel backend, greedy): the same answers as transformers'
+    greedy decoding (each vLLM answer is checked to be the dense masked pass's argmax at every step),
+    the same exact-match verdicts as the teacher-forced scoring, and the KV each request held."""
+    from vllm import LLM, SamplingParams
+
+    from ..engine.layout import KVLayout
+    from ..observe import run_workload
+
+    prompts = [doc.ids[: q.answer_start].tolist() for doc in documents for q in doc.queries]
+    answers = [doc.ids[q.answer_start: q.answer_end].tolist() for doc in documents for q in doc.queries]
+    longest = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    llm = LLM(model=str(model_dir), attention_backend="sentinel", dtype="float32", enforce_eager=True,
+              kv_cache_memory_bytes=1 << 30, max_model_len=longest + 8, seed=0, disable_log_stats=False)
+    try:
+        record = run_workload(llm, prompts, [SamplingParams(max_tokens=len(a), temperature=0, ignore_eos=True)
+                                             for a in answers], progress="recall through vLLM")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    generated = [list(out.outputs[0].token_ids) for out in record.outputs]
+    model, tokenizer = load_base(model_dir)
+    ids = sentinel_ids_of(tokenizer)
+    # Greedy in transformers: each generated token must be the dense masked pass's argmax after what precedes it.
+    streams = [torch.tensor(p + g) for p, g in zip(prompts, generated)]
+    same = 0
+    for first in range(0, len(streams), batch_size):
+        part = streams[first: first + batch_size]
+        examples = [examples_for([x], "sentinel", spans_of(schedule, x.numel()), ids, schedule.window)[0] for x in part]
+        for x, pred, p in zip(part, predicted_tokens(model, examples, ids, batch_size), prompts[first: first + batch_size]):
+            same += bool(torch.equal(pred[len(p) - 1: x.numel() - 1], x[len(p):]))
+    vllm_hits = [g == a for g, a in zip(generated, answers)]
+    layout = KVLayout(schedule)
+    full = [len(p) + len(a) - 1 for p, a in zip(prompts, answers)]  # tokens computed by the last step
+    held = [max(layout.physical_len(len(p)), layout.physical_len(n)) for p, n in zip(prompts, full)]
+    gauge = [s for s in record.samples if s["running"] and s["kv_tokens"]]
+    return {"queries": len(prompts), "greedy_equal_to_transformers": same,
+            "exact_match_vllm": sum(vllm_hits) / len(vllm_hits),
+            "exact_match_transformers": sum(r["hit"] for r in transformers_rows) / len(transformers_rows),
+            "verdicts_equal": sum(h == r["hit"] for h, r in zip(vllm_hits, transformers_rows)),
+            "kv_slots_per_request": held, "full_attention_slots_per_request": full,
+            "vllm_slots_per_token": (sum(s["kv_slots"] for s in gauge) / sum(s["kv_tokens"] for s in gauge)
+                                     if gauge else None),
+            "schedule": asdict(schedule)}
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 def run_quality(cfg: QualityConfig) -> dict:
@@ -256,8 +324,10 @@ def run_quality(cfg: QualityConfig) -> dict:
 
     mark = time.time()
     prompts = {c: continuation_prompts(windows[c], cfg.continuation_prompts, n) for c in CORPORA}
-    raw = {}
-    total = len(dirs) * sum(len(w) for w in windows.values())
+    documents = RecallGenerator(streams[1], tokenizer, cfg.recall_config).evaluation_set(cfg.recall_documents,
+                                                                                         seed=cfg.seed + 1000)
+    raw, recall_rows = {}, {}
+    total = len(dirs) * (sum(len(w) for w in windows.values()) + len(documents))
     with tqdm(total=total, desc="score") as progress:
         for (method, ratio), model_dir in dirs.items():
             model, tokenizer = load_base(model_dir)
@@ -265,8 +335,17 @@ def run_quality(cfg: QualityConfig) -> dict:
             for corpus in CORPORA:
                 raw[(method, ratio, corpus)] = score_model(model, tokenizer, method, schedule, windows[corpus],
                                                            prompts[corpus], cfg, progress)
+            recall_rows[(method, ratio)] = score_recall(model, documents, REGIME[method], schedule,
+                                                        sentinel_ids_of(tokenizer), cfg.eval_batch, cfg.seed, progress)
     ids = sentinel_ids_of(tokenizer)
     counts = kv_counts(plans, n, ids)
+    recall = {"documents": {"documents": len(documents), "queries": sum(len(d.queries) for d in documents),
+                            "digits": cfg.recall.digits, "facts": cfg.recall.facts, "asked": cfg.recall.queries},
+              "local_keys_last": {str(r): int(counts[r]["local"][-1]) for r in cfg.ratios},
+              "results": {str(ratio): {method: summarise_recall(recall_rows[(method, None if method == "full" else ratio)],
+                                                                counts[ratio]["local"], plans[ratio]["schedules"][method], n)
+                                       for method in METHODS} for ratio in cfg.ratios}}
+    recall["gate"] = gate(recall["results"])
     judge, _ = load_base(dirs[("full", None)])
     results = {}
     for corpus in CORPORA:
@@ -288,6 +367,9 @@ def run_quality(cfg: QualityConfig) -> dict:
     check = vllm_check(vllm_dir, windows["docs"][: cfg.vllm_windows],
                        raw[("sentinel_window", cfg.vllm_ratio, "docs")]["nll"], n)
     check["ratio"] = cfg.vllm_ratio
+    recall["vllm"] = vllm_recall_check(vllm_dir, documents, plans[cfg.vllm_ratio]["schedules"]["sentinel_window"],
+                                       recall_rows[("sentinel_window", cfg.vllm_ratio)], cfg.eval_batch)
+    recall["vllm"]["ratio"] = cfg.vllm_ratio
     seconds["vllm_check"] = time.time() - mark
     seconds["total"] = time.time() - started
 
@@ -305,6 +387,7 @@ def run_quality(cfg: QualityConfig) -> dict:
                 bool(torch.equal(counts[ratio][m], counts[ratio]["sentinel_window"]))
                 for m in ("local", "sink", "scattered")),
         } for ratio, p in plans.items()},
+        "recall": recall,
         "results": results,
         "vllm_check": check,
         "labels": LABELS,
@@ -313,6 +396,7 @@ def run_quality(cfg: QualityConfig) -> dict:
     report["verdicts"] = verdicts(report)
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "quality.png")
+    plot_recall(recall, out / "quality-recall.png")
     return report
 
 

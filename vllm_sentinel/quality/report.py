@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .corpora import CORPORA
 from .methods import LABELS, METHODS
+from .recall import format_recall, recall_verdicts
 
 CORPUS_NAMES = {"docs": "held-out python3.11-doc documents (the training corpus)",
                 "stdlib": "Python standard library .py sources (never trained on)"}
@@ -25,6 +26,13 @@ def verdicts(report: dict) -> dict:
             if float(ratio) == 0.5:
                 out[f"{corpus}@{ratio}: sentinel+W within 10% of full attention"] = (
                     ours["perplexity"] <= (1 + FULL_ATTENTION_MARGIN) * row["full"]["perplexity"])
+    recall = report.get("recall")
+    if recall is not None:
+        # Beyond-the-window targets mean something only where the gate holds (full attention answers
+        # at every distance, local attention is at chance beyond its window).
+        out["recall gate passed"] = recall["gate"]["passed"]
+        if recall["gate"]["passed"]:
+            out.update(recall_verdicts(recall["results"]))
     out["all targets met"] = all(ok is True for ok in out.values())
     return out
 
@@ -43,7 +51,7 @@ def _span_ends(scores: dict) -> str:
 
 def format_report(report: dict) -> str:
     cfg = report["config"]
-    lines = []
+    lines = format_recall(report["recall"]) + [""] if "recall" in report else []
     use = report["base"]["context_use_docs"]
     lines.append("base model, held-out docs, perplexity of each window's second half with "
                  + ", ".join(f"{k}: {v:.2f}" for k, v in use.items()))
@@ -75,6 +83,14 @@ def format_report(report: dict) -> str:
         s, w = p["schedules"]["sentinel"], p["schedules"]["sentinel_window"]
         lines.append(f"        sentinel W=0: sink {s['sink']} span {s['span']}; sentinel+W: sink {w['sink']} "
                      f"span {w['span']} window {w['window']}")
+    if "recall" in report:
+        r = report["recall"]["vllm"]
+        held, full = r["kv_slots_per_request"], r["full_attention_slots_per_request"]
+        lines.append(f"recall through vLLM (sentinel+W at ratio {r['ratio']}, greedy): {r['greedy_equal_to_transformers']} "
+                     f"of {r['queries']} answers equal transformers' greedy ones, exact match {r['exact_match_vllm']:.3f} "
+                     f"(transformers {r['exact_match_transformers']:.3f}, {r['verdicts_equal']} verdicts equal); "
+                     f"KV slots per request {min(held)}-{max(held)} (mean {sum(held) / len(held):.0f}) against full "
+                     f"attention's {min(full)}-{max(full)} (mean {sum(full) / len(full):.0f})")
     v = report["vllm_check"]
     lines.append(f"sentinel+W at ratio {v['ratio']}: perplexity through vLLM {v['vllm']:.4f}, transformers "
                  f"{v['transformers']:.4f} (relative difference {v['relative_difference']:.1e}, worst token "

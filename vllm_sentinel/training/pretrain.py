@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .batching import Batch, batch_loss
-from .recall import RecallGenerator, draw_windows
+from .recall import RecallConfig, RecallGenerator, draw_windows
 from ..masks import IGNORE_INDEX, additive_mask
 
 BASE_VOCAB = 4096  # the sentinels are appended after it: <CL> = 4096, <CR> = 4097
@@ -33,6 +33,17 @@ def train_tokenizer(texts: list[str], vocab_size: int = BASE_VOCAB) -> PreTraine
     return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Part of pretraining: `steps` steps of `batch_size` windows of `seq_len` tokens, a
+    `recall_share` of them recall documents shaped by `recall` (its length is `seq_len`)."""
+    steps: int
+    seq_len: int
+    batch_size: int
+    recall_share: float = 0.0
+    recall: RecallConfig = field(default_factory=RecallConfig)
+
+
 @dataclass
 class BaseModelConfig:
     hidden_size: int = 256
@@ -46,7 +57,12 @@ class BaseModelConfig:
     warmup: int = 30
     steps: int = 800  # a step count, not seconds: the same model on a busy or a quiet machine
     seed: int = 0
-    recall_share: float = 0.0  # share of training windows that are recall documents (recall.py)
+    # Stages run in order, one learning-rate schedule over all of them; none: one stage of `steps`
+    # steps of `batch_size` windows of `seq_len` prose tokens. `seq_len` is the evaluation length.
+    curriculum: tuple[Stage, ...] = ()
+
+    def stages(self) -> tuple[Stage, ...]:
+        return self.curriculum or (Stage(self.steps, self.seq_len, self.batch_size),)
 
     def llama_config(self) -> LlamaConfig:
         return LlamaConfig(vocab_size=BASE_VOCAB, hidden_size=self.hidden_size,
@@ -76,41 +92,46 @@ def heldout_perplexity(model, heldout_ids: list[int], seq_len: int, max_tokens: 
     return math.exp(total / (count * (seq_len - 1)))
 
 
-def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[int],
-                  recall: RecallGenerator | None = None):
-    """Train from scratch for `cfg.steps` steps (seeded: the same model on any machine, only the time differs).
-
-    With `cfg.recall_share` > 0, that share of the windows are `recall`'s documents instead of prose."""
+def pretrain_base(cfg: BaseModelConfig, train_ids: list[int], heldout_ids: list[int], tokenizer=None):
+    """Train from scratch through `cfg.stages()` (seeded and counted in steps: the same model on any
+    machine, only the time differs). Stages with recall documents need the `tokenizer`."""
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(cfg.llama_config())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = torch.as_tensor(train_ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(cfg.seed)
-    total_steps, step, started = cfg.steps, 0, time.time()
+    stages = cfg.stages()
+    total_steps, step, tokens, started = sum(stage.steps for stage in stages), 0, 0, time.time()
     bar = tqdm(total=total_steps, desc="pretrain base")
-    while step < total_steps:
-        if step < cfg.warmup:
-            lr = cfg.lr * (step + 1) / cfg.warmup
-        else:
-            lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(total_steps - cfg.warmup, 1)))))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        windows = draw_windows(data, cfg.seq_len, cfg.batch_size, generator, recall, cfg.recall_share)
-        loss = batch_loss(model, causal_batch(torch.stack(windows)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    for stage in stages:
+        recall = None
+        if stage.recall_share > 0:
+            if tokenizer is None:
+                raise ValueError("a pretraining stage with recall documents needs the tokenizer")
+            recall = RecallGenerator(train_ids, tokenizer, replace(stage.recall, length=stage.seq_len))
+        for _ in range(stage.steps):
+            if step < cfg.warmup:
+                lr = cfg.lr * (step + 1) / cfg.warmup
+            else:
+                progress = min(1.0, (step - cfg.warmup) / max(total_steps - cfg.warmup, 1))
+                lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            windows = draw_windows(data, stage.seq_len, stage.batch_size, generator, recall, stage.recall_share)
+            loss = batch_loss(model, causal_batch(torch.stack(windows)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            tokens += stage.batch_size * stage.seq_len
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", seq=stage.seq_len)
     bar.close()
     elapsed = time.time() - started
     model.eval()
-    stats = {"config": asdict(cfg), "steps": step, "seconds": elapsed,
-             "tokens_seen": step * cfg.batch_size * cfg.seq_len,
-             "tokens_per_s": step * cfg.batch_size * cfg.seq_len / elapsed,
-             "parameters": sum(p.numel() for p in model.parameters()),
+    stats = {"config": asdict(cfg), "steps": step, "seconds": elapsed, "tokens_seen": tokens,
+             "tokens_per_s": tokens / elapsed, "parameters": sum(p.numel() for p in model.parameters()),
              "heldout_perplexity": heldout_perplexity(model, heldout_ids, cfg.seq_len)}
     return model, stats

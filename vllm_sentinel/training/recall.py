@@ -8,7 +8,7 @@ multi-query associative recall), on the corpus's own prose, never a repeated fil
 - `multi`: `facts` sentences "The code for WORD is DIGITS." spread through the prose (distinct
   words), then `queries` of them asked in shuffled order, each followed by its answer, so one
   document scores several distances.
-Values are `digits` random decimal digits (5: exact-match chance 1e-5). Facts stand at word
+Values are `digits` random decimal digits (4: exact-match chance 1e-4). Facts stand at word
 boundaries of the prose (before a token that opens a word or a line) and never in its first
 `SINK_CLEAR` tokens, which sink-keeping methods hold raw; their places are uniform over the rest, so
 distances spread evenly from 0 to the document's length. Everything is drawn from a seeded
@@ -38,10 +38,10 @@ WORDS = ("apple", "river", "garden", "window", "candle", "mirror", "pencil", "ba
 @dataclass(frozen=True)
 class RecallConfig:
     length: int = 1024          # tokens per document (facts, prose and queries together)
-    digits: int = 5             # digits per value
+    digits: int = 4             # digits per value: exact-match chance 10^-4
     facts: int = 8              # multi: facts stated
     queries: int = 4            # multi: facts asked (a random subset, shuffled)
-    passkey_share: float = 0.5  # share of passkey documents among recall documents
+    passkey_share: float = 0.25  # of recall documents drawn for training (a passkey document asks one query)
 
 
 @dataclass(frozen=True)
