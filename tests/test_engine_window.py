@@ -139,3 +139,12 @@ def test_masked_rows_skip_the_kernel_and_tiny_tiles_change_nothing(engines, orac
     mixed = [(k, m, n) for k, m, n, overlap in seen if m and k]
     assert mixed, "no step mixed plain and masked requests"
     assert all(k + m == n and not overlap for k, m, n, overlap in seen)
+
+
+def test_a_llama_gets_its_cl_from_rotated_constants_not_a_forward_per_step(engines):
+    """The cheap path is kept where it is exact (engine/cl_kv.py measures that at load); families where
+    position enters otherwise are covered in test_engine_families.py."""
+    from vllm_sentinel.engine.cl_kv import RotatedConstants
+
+    runner = engines["whole"].llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    assert isinstance(runner._sentinel_cl, RotatedConstants)

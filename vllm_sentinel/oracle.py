@@ -14,12 +14,10 @@ import torch
 from transformers import DynamicCache
 
 from .config import ScheduleConfig, SentinelConfig
+from .families import refusal
 from .masks import additive_mask, build_stream
 from .schedule import ScheduledSpans
 
-# Model families whose attention takes a custom 4-D additive mask and explicit position ids
-# unchanged (checked once more at run time by `check_custom_mask_support`).
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _mask_support_checked: set[tuple[str, str]] = set()
 
 
@@ -34,10 +32,9 @@ def check_custom_mask_support(model) -> None:
     visible must equal a two-token forward over exactly those tokens at the same positions.
     """
     model_type = model.config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; sentinel compression is implemented for "
-            f"{sorted(SUPPORTED_MODEL_TYPES)} (Llama-family attention with custom 4-D masks)")
+    reason = refusal(model_type)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
     key = (model_type, str(model.config._attn_implementation))
     if key in _mask_support_checked:
         return

@@ -38,7 +38,7 @@ def settings_of(vllm_config) -> EngineSettings | None:
 
 def refuse_incompatible(vllm_config) -> None:
     """Options the sentinel engine cannot honour, each refused with the way out."""
-    from ..oracle import SUPPORTED_MODEL_TYPES
+    from ..families import refusal
 
     model, cache, parallel = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     device = vllm_config.device_config.device_type
@@ -60,10 +60,13 @@ def refuse_incompatible(vllm_config) -> None:
                         "serves text generation)")
     if model.is_multimodal_model:
         problems.append("multimodal models")
-    if model.hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-        problems.append(f"model_type {model.hf_config.model_type!r} (supported: {sorted(SUPPORTED_MODEL_TYPES)})")
-    if getattr(model.hf_text_config, "sliding_window", None):
-        problems.append("sliding-window attention models")
+    reason = refusal(model.hf_config.model_type)
+    if reason is not None:
+        problems.append(reason)
+    window = getattr(model.hf_text_config, "sliding_window", None)
+    if window and getattr(model.hf_text_config, "use_sliding_window", True):  # Qwen's and SmolLM3's switch
+        problems.append(f"sliding-window attention over {window} tokens (every layer must see the whole context; "
+                        "--disable-sliding-window serves it with full attention, max_model_len capped at the window)")
     if cache.cache_dtype != "auto":
         problems.append(f"--kv-cache-dtype {cache.cache_dtype} (use auto)")
     if parallel.worker_cls not in ("auto", *WORKER_PATHS.values()):

@@ -3,9 +3,8 @@
 The scheduler's `SchedulerOutput` speaks of real tokens only. The runner
 - plans the step (`StepPlan`): a `<CR>` after every token after which a span is compacted,
   logical positions, physical slots;
-- never runs `<CL>` through the network: it attends to itself alone, so its per-layer value and
-  pre-RoPE key are model constants (semantics page), computed once at load and rotated each step
-  to the positions of that step's `<CL>`s, for the backend to put in front of their `<CR>`s;
+- supplies each `<CR>` its `<CL>`'s key and value without caching `<CL>` (`cl_kv.py`: rotated model
+  constants, or the step's `<CL>`s through the network where position enters otherwise);
 - runs vLLM's `execute_model` on a copy of the output whose token counts include the sentinels,
   with its own `_prepare_inputs` filling ids, positions, physical sequence lengths and slots;
 - samples from each request's last *real* token, and never a sentinel (their logits are -inf);
@@ -19,14 +18,18 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from ..masks import REAL
 from .backend import SentinelAttentionMetadataBuilder, SentinelStepState
+from .cl_kv import RotatedConstants, as_positions, cl_key_values, rotary_embeddings
 from .kv_cache_manager import kept_blocks
 from .layout import KVLayout
 from .plan import StepPlan
 from .settings import EngineSettings
+
+logger = init_logger("vllm.sentinel")
 
 
 def check_rotary_coverage(ropes, max_model_len: int, model: str) -> None:
@@ -36,6 +39,8 @@ def check_rotary_coverage(ropes, max_model_len: int, model: str) -> None:
     its own CPU rotary kernel then reads past the end of `cos_sin_cache` (no rotation is defined
     there), and our `<CL>` rotation, which indexes the same table, raised and took EngineCore and
     every request with it. Neither can be exact against anything, so the engine does not start."""
+    if not ropes:
+        return  # no vLLM rotary table (learned positions: cl_kv.py probes the last position)
     covered = min(int(rope.cos_sin_cache.shape[0]) for rope in ropes)
     if max_model_len > covered:
         raise ValueError(
@@ -71,66 +76,12 @@ class SentinelModelRunnerMixin:
             return logits
 
         self.model.compute_logits = compute_logits_without_sentinels
-        self._sentinel_cl = self._cl_constants()
-
-    @torch.no_grad()
-    def _cl_constants(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor, torch.nn.Module]:
-        """(layer index by name, keys [layers, kv_heads, head_size] before RoPE, values alike, RoPE).
-
-        One forward of `<CL>` alone at position 0, where RoPE is the identity, with every attention
-        layer replaced by what attention over a single key is: its value, for every query head."""
-        from vllm.forward_context import set_forward_context
-        from vllm.model_executor.layers.attention import Attention
-        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
-
-        inner = self.model.model
-        layers = [module for module in inner.modules() if isinstance(module, Attention)]
-        ropes = [module for module in inner.modules() if isinstance(module, RotaryEmbeddingBase)]
-        rotations = {(type(r), r.head_size, r.rotary_dim, r.is_neox_style, r.cos_sin_cache.data_ptr()) for r in ropes}
-        if not layers or len(rotations) != 1:
-            raise NotImplementedError(
-                f"the sentinel backend needs a decoder whose attention layers share one rotary embedding "
-                f"(Llama family); {type(self.model).__name__} has {len(layers)} attention layers and "
-                f"{len(ropes)} rotary embeddings")
-        check_rotary_coverage(ropes, self.model_config.max_model_len, self.model_config.model)
-        recorded = {}
-
-        def single_key_attention(attn):
-            def forward(query, key, value, *args, **kwargs):
-                kv_heads, dim = attn.num_kv_heads, attn.head_size
-                recorded[attn.layer_name] = (key.view(-1, kv_heads, dim)[0].clone(), value.view(-1, kv_heads, dim)[0].clone())
-                per_kv = attn.num_heads // kv_heads
-                return value.view(-1, kv_heads, 1, dim).expand(-1, kv_heads, per_kv, dim).reshape(
-                    value.shape[0], attn.num_heads * dim).to(query.dtype)
-            return forward
-
-        for attn in layers:
-            attn.forward = single_key_attention(attn)
-        try:
-            cl_id = self.sentinel.sentinel_ids[0]
-            with set_forward_context(None, self.vllm_config):
-                type(inner).forward(inner, torch.tensor([cl_id], device=self.device),
-                                    torch.zeros(1, dtype=torch.long, device=self.device), None)
-        finally:
-            for attn in layers:
-                del attn.forward
-        names = [attn.layer_name for attn in layers]
-        keys = torch.stack([recorded[name][0] for name in names])
-        values = torch.stack([recorded[name][1] for name in names])
-        return {name: i for i, name in enumerate(names)}, keys, values, ropes[0]
-
-    def _cl_kv(self, positions: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Every layer's `<CL>` key (rotated to each position) and value, `[len(positions), kv_heads, head_size]`."""
-        index, keys, values, rope = self._sentinel_cl
-        count = len(positions)
-        if count == 0:
-            rotated = keys.new_empty((0, *keys.shape))
-        else:
-            flat = keys.reshape(1, -1).repeat(count, 1)
-            _, rotated = rope.forward_native(torch.from_numpy(positions).to(self.device), flat.clone(), flat)
-            rotated = rotated.view(count, *keys.shape)
-        return ({name: rotated[:, i] for name, i in index.items()},
-                {name: values[i].expand(count, *values.shape[1:]) for name, i in index.items()})
+        model_config = self.model_config
+        check_rotary_coverage(rotary_embeddings(self.model), model_config.max_model_len, model_config.model)
+        self._sentinel_cl = cl_key_values(self.model, self.vllm_config, self.sentinel.sentinel_ids[0], self.device)
+        logger.info("sentinel: <CL> keys and values for %s: %s", type(self.model).__name__,
+                    "rotated model constants" if isinstance(self._sentinel_cl, RotatedConstants)
+                    else "the step's <CL>s through the network")
 
     def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes) -> None:
         super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
@@ -257,7 +208,8 @@ class SentinelModelRunnerMixin:
             table.slot_mapping.np[:n] = np.where(stored, slots + physical % table.block_size, -1)
             table.slot_mapping.copy_to_gpu(n)
 
-        self.sentinel_step.cl_keys, self.sentinel_step.cl_values = self._cl_kv(plan.cl_positions)
+        self.sentinel_step.cl_keys, self.sentinel_step.cl_values = self._sentinel_cl(
+            as_positions(plan.cl_positions, self.device))
         self._sentinel_plan = self.sentinel_step.plan = plan
         logits_indices = torch.from_numpy(plan.logits_rows).to(self.device)
         return logits_indices, None, 1

@@ -24,10 +24,9 @@ from .batching import REGIMES, batch_loss, build_example, collate
 from .recall import RecallConfig, RecallGenerator, draw_windows
 from ..config import ScheduleConfig, SentinelConfig
 from .evaluate import perplexity
-from ..oracle import check_custom_mask_support
+from ..oracle import UnsupportedModelError, check_custom_mask_support
 from ..schedule import JitteredSpans, RandomSpans
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # For base models that never had a chat format, so `/v1/chat/completions` works on the result.
 DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -72,14 +71,31 @@ def add_sentinel_tokens(model, tokenizer, cl_token: str = "<CL>", cr_token: str 
     return ids
 
 
+def lora_targets(model) -> list[str]:
+    """The model's own attention projections, by full name, fused or not: q/k/v/o_proj (Llama),
+    qkv_proj (Phi-3), query_key_value and dense (GPT-NeoX), out_proj (OPT)."""
+    targets = [f"{name}.{child_name}" for name, module in model.named_modules() if type(module).__name__.endswith("Attention")
+               for child_name, child in module.named_children() if isinstance(child, torch.nn.Linear)]
+    if not targets:
+        raise UnsupportedModelError(f"found no linear projections inside the attention modules of "
+                                    f"{type(model).__name__}; train it with --full-finetune")
+    return targets
+
+
+def embedding_name(model) -> str:
+    """The input embedding's module name (embed_tokens, embed_in, ...), whatever the layout."""
+    embedding = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embedding)
+
+
 def prepare_trainable(model, cfg: TrainConfig, sentinel_ids: tuple[int, int]):
     if cfg.full_finetune:
         model.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      trainable_token_indices={"embed_tokens": list(sentinel_ids)})
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=lora_targets(model),
+                      trainable_token_indices={embedding_name(model): list(sentinel_ids)})
     return get_peft_model(model, lora)
 
 
