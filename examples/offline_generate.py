@@ -37,7 +37,7 @@ def main() -> None:
     for backend in ("stock", "sentinel"):
         llm = LLM(model=args.model, block_size=32, num_gpu_blocks_override=args.kv_blocks,
                   kv_cache_memory_bytes=1 << 30, max_model_len=(args.kv_blocks - 1) * 32,  # block 0 is vLLM's null block
-                  disable_log_stats=False,
+                  disable_log_stats=False, use_tqdm_on_load=args.verbose,  # our lines, not loading bars
                   enforce_eager=args.enforce_eager, **({"attention_backend": "sentinel"} if backend == "sentinel" else {}))
         record = run_workload(llm, prompts, params)
         s = record.summary()

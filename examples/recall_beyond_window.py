@@ -85,7 +85,8 @@ def main() -> None:
     print(f"  question: ...{tokenizer.decode(prompt[-24:])!r}   (answer {tokenizer.decode(truth)!r})")
 
     llm = LLM(model=sentinel_dir, attention_backend="sentinel", dtype="float32", enforce_eager=True,
-              kv_cache_memory_bytes=1 << 28, max_model_len=args.length + 8, disable_log_stats=False, seed=0)
+              kv_cache_memory_bytes=1 << 28, max_model_len=args.length + 8, disable_log_stats=False, seed=0,
+              use_tqdm_on_load=args.verbose)
     record = run_workload(llm, [prompt.tolist()], SamplingParams(max_tokens=len(truth), temperature=0, ignore_eos=True))
     llm.llm_engine.engine_core.shutdown()
     answer = list(record.outputs[0].outputs[0].token_ids)

@@ -9,8 +9,30 @@ vLLM is imported: vLLM configures its logging once, at import.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
+
+QUIET_ENV = "VLLM_SENTINEL_QUIET"  # set by route_vllm_logs; inherited by EngineCore and workers
+
+
+def quiet_known_noise() -> None:
+    """Silence two messages vLLM 0.32 prints on every CPU machine, harmless there and not ours:
+    - "Triton is installed, but doesn't include CPU backend. Disabling Triton.": logged while vLLM's
+      logger is still being set up (a circular import), so it bypasses any logging config and
+      reaches stderr; vLLM then runs its torch fallbacks, as intended on CPU;
+    - torch's FutureWarning "`torch.distributed.reduce_op` is deprecated", raised when vLLM's Triton
+      dispatcher scans every module's attributes, torch.distributed's deprecated alias among them.
+    Spawned processes re-import the main module, whose imports bring this module, before they
+    import vLLM: with QUIET_ENV set they silence both again before either is printed."""
+    logging.getLogger("vllm.triton_utils.importing").addFilter(
+        lambda record: "doesn't include CPU backend" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
+
+
+if os.environ.get(QUIET_ENV) == "1":
+    quiet_known_noise()
 
 
 def route_vllm_logs(log_file: str | Path, verbose: bool = False) -> Path | None:
@@ -35,5 +57,7 @@ def route_vllm_logs(log_file: str | Path, verbose: bool = False) -> Path | None:
     config_path = log_file.with_name(log_file.name + ".logging.json")
     config_path.write_text(json.dumps(config, indent=2))
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)
+    os.environ[QUIET_ENV] = "1"
+    quiet_known_noise()
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's per-process NUMA binding warnings
     return log_file
