@@ -11,6 +11,7 @@ refused, with the version message (version_refusal.py): stock vLLM keeps working
 - platform_engine_config: the sentinel engine is set up when the config is finalised.
 - input_validation: bad prompts and bad per-request options fail one request, early (a 400).
 - engine_core_validation: the same checks in EngineCore, for requests that skip the front end.
+- marked_chat: chat messages marked `"sentinel": "compress"` become the request's marked regions.
 - sentinel_text: the text `<CL>` / `<CR>` in a prompt is ordinary characters, never a sentinel id.
 - offline_stat_loggers: `LLM` gets the stat-logger plugins (`vllm serve` already does).
 - version_refusal: what runs instead of all the above on a vLLM of another version.
@@ -19,7 +20,7 @@ refused, with the version message (version_refusal.py): stock vLLM keeps working
 """
 from __future__ import annotations
 
-from . import (attention_backend_name, engine_core_validation, input_validation, offline_stat_loggers,
+from . import (attention_backend_name, engine_core_validation, input_validation, marked_chat, offline_stat_loggers,
                platform_attention_backend, platform_engine_config, sentinel_text, version_refusal)
 from ._guard import UnsupportedVllmVersion, require_installed_vllm
 
@@ -46,6 +47,7 @@ def apply_all() -> bool:
                                  engine_config.configure)
     input_validation.apply(engine_config.settings_of)
     engine_core_validation.apply(engine_config.settings_of)
+    marked_chat.apply(engine_config.settings_of)
     sentinel_text.apply(engine_config.settings_of)
     offline_stat_loggers.apply(engine_config.settings_of)
     _applied = True

@@ -28,7 +28,15 @@ def apply(settings_of) -> None:
             raise VLLMValidationError(
                 "streaming-input sessions (resumable requests) are not supported with --attention-backend "
                 "sentinel; send each input as one request", parameter="resumable")
-        return original_process(self, request_id, prompt, params, *args, resumable=resumable, **kwargs)
+        request = original_process(self, request_id, prompt, params, *args, resumable=resumable, **kwargs)
+        settings = settings_of(self.vllm_config)
+        if settings is not None and request.prompt_token_ids is not None:
+            # Marked regions are offsets into the prompt's tokens, known only once it is tokenized.
+            try:
+                settings.check_regions(request.prompt_token_ids, request.sampling_params)
+            except ValueError as err:
+                raise VLLMValidationError(str(err), parameter="extra_args") from None
+        return request
 
     def _validate_model_inputs(self, encoder_input, decoder_input):
         settings = settings_of(self.vllm_config)
@@ -46,8 +54,9 @@ def apply(settings_of) -> None:
         if settings is not None:
             if not isinstance(params, SamplingParams):
                 raise VLLMValidationError("the sentinel engine serves generation requests only")
+            settings.plain_regions(params)
             try:
-                settings.check_request((), params)
+                settings.check_request(None, params)  # the prompt is checked above, once tokenized
             except ValueError as err:
                 parameter = "allowed_token_ids" if "allowed_token_ids" in str(err) else "extra_args"
                 raise VLLMValidationError(str(err), parameter=parameter) from None

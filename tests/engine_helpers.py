@@ -5,9 +5,9 @@ import gc
 
 import torch
 
-from vllm_sentinel.config import ScheduleConfig, SentinelConfig
+from vllm_sentinel.config import Regions, ScheduleConfig, SentinelConfig
 from vllm_sentinel.oracle import dense_logits, mask_sentinels
-from vllm_sentinel.schedule import ScheduledSpans
+from vllm_sentinel.schedule import MarkedSpans, ScheduledSpans
 
 ENGINE_DEFAULTS = dict(enforce_eager=True, dtype="float32", seed=0, max_model_len=1024,
                        kv_cache_memory_bytes=64 << 20)
@@ -50,19 +50,25 @@ class Oracle:
         self.config = SentinelConfig.load(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def logprobs(self, token_ids: list[int], schedule: ScheduleConfig | None) -> torch.Tensor:
+    def logprobs(self, token_ids: list[int], schedule: ScheduleConfig | None,
+                 regions: Regions | None = None) -> torch.Tensor:
         """`[n, vocab]` log-probabilities after each token, sentinels masked as the engine masks them.
 
-        The spans are those closed by the tokens the engine computed (all but the last).
+        The spans are those closed by the tokens the engine computed (all but the last): the
+        schedule's, or those of the request's marked regions.
         """
-        spans = ScheduledSpans(schedule).spans(len(token_ids) - 1) if schedule else torch.zeros(0, 2, dtype=torch.long)
+        if schedule is None:
+            spans = torch.zeros(0, 2, dtype=torch.long)
+        else:
+            rule = ScheduledSpans(schedule) if regions is None else MarkedSpans(schedule, regions)
+            spans = rule.spans(len(token_ids) - 1)
         logits = dense_logits(self.model, token_ids, spans, self.config, window=schedule.window if schedule else 0)
         return torch.log_softmax(mask_sentinels(logits, self.config), dim=-1)
 
-    def check(self, prompt: list[int], output, schedule: ScheduleConfig | None) -> float:
+    def check(self, prompt: list[int], output, schedule: ScheduleConfig | None, regions: Regions | None = None) -> float:
         """Assert the engine's greedy tokens are the oracle's; return the worst logprob difference."""
         generated = list(output.outputs[0].token_ids)
-        reference = self.logprobs(prompt + generated, schedule)
+        reference = self.logprobs(prompt + generated, schedule, regions)
         expected = reference[len(prompt) - 1: -1].argmax(-1).tolist()
         assert generated == expected, f"greedy tokens differ from the oracle (schedule {schedule}, prompt of {len(prompt)})"
         worst = 0.0

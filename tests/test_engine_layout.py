@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SCHEDULES
-from vllm_sentinel.config import ScheduleConfig
+from vllm_sentinel.config import Regions, ScheduleConfig
 from vllm_sentinel.engine.layout import KVLayout, cdiv
 from vllm_sentinel.engine.plan import StepPlan, plan_chunk
 from vllm_sentinel.masks import CL, CR, REAL, build_stream
@@ -188,20 +188,30 @@ WINDOWED = [SimpleNamespace(sink=s, span=l, gap=g, window=w)
                                (3, 5, 1, 13), (0, 2, 0, 1), (4, 16, 0, 0)]]
 
 
-def spans_of(schedule, n: int) -> list[tuple[int, int]]:
-    out, start = [], schedule.sink
-    while start + schedule.span <= n:
-        out.append((start, start + schedule.span))
-        start += schedule.span + schedule.gap
+def spans_of(schedule, n: int, regions: Regions | None = None) -> list[tuple[int, int]]:
+    """The spans wholly inside the first n tokens, by the semantics page's words (not the engine's
+    arithmetic): the schedule's, or with marked regions, L-token spans G apart inside each region
+    and (output "schedule") after the prompt."""
+    if regions is None:
+        pieces = [(schedule.sink, n)]
+    else:
+        pieces = [(a, min(b, n)) for a, b in regions.ranges]
+        if regions.output == "schedule":
+            pieces.append((regions.prompt_len, n))
+    out = []
+    for start, end in pieces:
+        while start + schedule.span <= end:
+            out.append((start, start + schedule.span))
+            start += schedule.span + schedule.gap
     return out
 
 
-def sees(schedule, token) -> set:
+def sees(schedule, token, regions: Regions | None = None) -> set:
     """What `token` may attend to (itself included), by the semantics page."""
     kind, i = token
     if kind == "CL":
         return {token}
-    spans = spans_of(schedule, i + 1 if kind == "R" else 10 ** 4)
+    spans = spans_of(schedule, i + 1 if kind == "R" else 10 ** 4, regions)
     if kind == "CR":
         a, e = spans[i]
         return {("CL", i), token} | {("R", u) for u in range(a, e)}
@@ -213,9 +223,10 @@ def sees(schedule, token) -> set:
     return seen
 
 
-def lazy_order(schedule, n: int) -> list:
+def lazy_order(schedule, n: int, regions: Regions | None = None) -> list:
     """The engine's order: span m's <CL>, <CR> right after real token j_m + W."""
-    closing = {e - 1 + schedule.window: m for m, (_, e) in enumerate(spans_of(schedule, n + schedule.window))}
+    closing = {e - 1 + schedule.window: m
+               for m, (_, e) in enumerate(spans_of(schedule, n + schedule.window, regions))}
     order = []
     for t in range(n):
         order.append(("R", t))
@@ -224,9 +235,9 @@ def lazy_order(schedule, n: int) -> list:
     return order
 
 
-def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16):
-    layout = KVLayout(schedule)
-    expected = lazy_order(schedule, n)
+def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16, regions: Regions | None = None):
+    layout = KVLayout(schedule, regions)
+    expected = lazy_order(schedule, n, regions)
     cache: dict[int, tuple] = {}
     produced, c = [], 0
     for k in chunk_sizes:
@@ -245,7 +256,7 @@ def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16):
         for i, token in enumerate(ids):
             got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
             got |= {ids[j] for j in np.flatnonzero(seen[i, cached:].numpy())}
-            assert got == sees(schedule, token) - {("CL", token[1])}, (schedule, c, k, token)
+            assert got == sees(schedule, token, regions) - {("CL", token[1])}, (schedule, c, k, token)
         # The step reads everything first, then writes the chunk's tokens and the moves.
         before = dict(cache)
         for i in np.flatnonzero(chunk.slots >= 0):
@@ -255,7 +266,7 @@ def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16):
         after = layout.physical_len(c + k)
         cache = {slot: token for slot, token in cache.items() if slot < after}
         assert sorted(cache) == list(range(after))
-        assert set(cache.values()) == sees(schedule, ("R", c + k)) - {("R", c + k)}
+        assert set(cache.values()) == sees(schedule, ("R", c + k), regions) - {("R", c + k)}
         assert cdiv(max(cached, after), block_size) <= layout.max_blocks(c + k, block_size)
         assert layout.peak_physical_len(c + k) >= max(cached, after)
         c += k
@@ -291,6 +302,72 @@ def test_windowed_physical_len_peaks_and_the_step_plan(schedule):
     assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
 
 
+# Marked regions (semantics page, "Marked regions"): spans only inside a prompt's regions, and with
+# output "schedule" after the prompt too. A prompt of 100 tokens, decoding on to 140.
+PROMPT = 100
+MARKINGS = [((), "prompt"), (((0, 100),), "prompt"), (((3, 40), (45, 46), (60, 100)), "prompt"),
+            (((10, 11), (11, 30), (97, 100)), "schedule"), ((), "schedule"), (((5, 77),), "schedule")]
+
+
+def marked(ranges, output) -> Regions:
+    return Regions(tuple(ranges), PROMPT, output)
+
+
+@pytest.mark.parametrize("marking", MARKINGS, ids=str)
+@pytest.mark.parametrize("schedule", WINDOWED[:5] + [ScheduleConfig(3, 5, 1)], ids=str)
+def test_marked_regions_token_by_token_and_in_random_chunks(schedule, marking):
+    regions = marked(*marking)
+    simulate_window(schedule, 140, [1] * 140, regions=regions)
+    rng = np.random.default_rng(5)
+    for n in (1, 60, 140):
+        simulate_window(schedule, n, rng.integers(1, 90, size=n).tolist(), regions=regions)
+    simulate_window(schedule, 140, [PROMPT, 40], regions=regions)
+
+
+def test_marked_regions_give_the_semantics_pages_spans():
+    schedule = ScheduleConfig(4, 8, 2)
+    regions = Regions(((3, 25), (30, 37), (40, 60)), 70, "schedule")
+    starts = [a for a, _ in spans_of(schedule, 95, regions)]
+    assert starts == [3, 13, 40, 50, 70, 80]  # [23, 25) and [30, 37) are shorter than L: raw; no sink
+    layout = KVLayout(schedule, regions)
+    assert [layout.span_start(m) for m in range(6)] == starts
+    every = [a for a, _ in spans_of(schedule, 200, regions)]  # span 6 [90, 98) is open at 95
+    assert layout.span_of(np.arange(95)).tolist() == [
+        next((m for m, a in enumerate(every) if a <= t < a + 8), -1) for t in range(95)]
+    assert Regions((), 70).span_starts(schedule) == [] and KVLayout(schedule, Regions((), 70)).num_closed(500) == 0
+
+
+def test_a_step_mixing_marked_schedule_only_and_uncompressed_requests_is_their_chunk_plans():
+    rng = np.random.default_rng(6)
+    layouts = [KVLayout(ScheduleConfig(2, 8, 3)), KVLayout(None),
+               KVLayout(ScheduleConfig(0, 4, 1, 3), Regions(((2, 50), (80, 200)), 220, "schedule")),
+               KVLayout(ScheduleConfig(4, 16, 0), Regions(((0, 64),), 100))] * 2
+    computed = rng.integers(0, 250, size=len(layouts)).tolist()
+    num_real = rng.integers(1, 120, size=len(layouts)).tolist()
+    plan = StepPlan.build(layouts, computed, num_real)
+    chunks = [plan_chunk(lay, c, k) for lay, c, k in zip(layouts, computed, num_real)]
+    assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
+    assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
+    assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
+    assert plan.num_closings.tolist() == [ch.num_closings for ch in chunks]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ([[5, 3]], "out of range"), ([[0, 101]], "out of range"), ([[-1, 4]], "out of range"),
+    ([[10, 20], [15, 30]], "must not overlap"), ([[30, 40], [10, 20]], "sorted"), ([[1, 2, 3]], "pair of integers"),
+    ([[1.0, 2]], "pair of integers"), ([1, 2, 3], "even number"), ("0-10", "not a list")])
+def test_bad_regions_are_refused_naming_the_problem(bad, problem):
+    from vllm_sentinel.config import SentinelConfigError
+
+    with pytest.raises(SentinelConfigError, match=problem):
+        Regions.parse(bad, PROMPT)
+
+
+def test_regions_parse_from_pairs_or_the_flat_list_http_carries():
+    assert Regions.parse([[0, 10], [20, 30]], 40).ranges == Regions.parse([0, 10, 20, 30], 40).ranges == ((0, 10), (20, 30))
+    assert Regions.parse([], 40).ranges == ()
+
+
 def test_folds_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
     """The masked path's accumulator: keys folded in tiles, per group member masks, rows that see
     nothing in a tile, a row folded in two groups, padding rows on a spare row. The result is one
@@ -321,3 +398,9 @@ def test_folds_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
     scores = torch.einsum("rhjd,khd->rhjk", q[:rows], k).masked_fill(~expected_visible[:, None, None, :], float("-inf"))
     expected = torch.einsum("rhjk,khd->rhjd", torch.softmax(scores, -1), v)
     assert torch.allclose(state.result()[:rows], expected, atol=1e-5)
+
+
+def test_regions_parse_from_numpy_arrays_as_ray_data_hands_them_on():
+    nested = np.array([np.array([0, 10]), np.array([20, 30])], dtype=object)
+    assert Regions.parse(nested, 40).ranges == Regions.parse(np.array([[0, 10], [20, 30]]), 40).ranges == ((0, 10), (20, 30))
+    assert Regions.parse(np.array([], dtype=np.int64), 40).ranges == ()

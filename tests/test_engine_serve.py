@@ -1,4 +1,5 @@
 """`vllm serve MODEL --attention-backend sentinel` through the `openai` client, as users run it."""
+import random
 import re
 import shutil
 import subprocess
@@ -10,9 +11,13 @@ from pathlib import Path
 import openai
 import pytest
 
+from conftest import ENGINE_MODEL_SCHEDULE
+from engine_helpers import Oracle
 from vllm_sentinel.bench.serve import free_port, wait_until_healthy
+from vllm_sentinel.config import Regions, ScheduleConfig
 
 VLLM = str(Path(sys.executable).parent / "vllm")
+DEFAULT = ScheduleConfig(*ENGINE_MODEL_SCHEDULE)
 SERVE_ARGS = ["--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M", "--max-model-len", "1024"]
 
 
@@ -85,6 +90,70 @@ def test_per_request_options_over_http(server):
         assert response.usage.completion_tokens == 5
 
 
+def oracle_greedy(oracle, prompt, generated, regions):
+    """The oracle's greedy continuation of `prompt` over `generated` (its argmax at each step)."""
+    reference = oracle.logprobs(prompt + generated, DEFAULT, regions)
+    return reference[len(prompt) - 1: -1].argmax(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def oracle(sentinel_model_dir):
+    return Oracle(sentinel_model_dir)
+
+
+def test_marked_regions_over_http_are_the_ones_served(server, oracle):
+    """vllm_xargs carries regions as one flat list [start, end, start, end, ...]; the answer is the
+    oracle's over those regions' spans, not the schedule's."""
+    client, model = server["client"], server["model"]
+    prompt = [random.Random(7).randrange(3, 4096) for _ in range(300)]
+    flat = [20, 140, 180, 300]
+    response = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                     "vllm_xargs": {"sentinel_regions": flat}})
+    generated = list(response.choices[0].token_ids)
+    regions = Regions(((20, 140), (180, 300)), len(prompt))
+    assert generated == oracle_greedy(oracle, prompt, generated, regions)
+    schedule_only = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert list(schedule_only.choices[0].token_ids) == oracle_greedy(
+        oracle, prompt, list(schedule_only.choices[0].token_ids), None)
+
+
+def test_chat_messages_marked_compress_become_regions(server, oracle, sentinel_model_dir):
+    from transformers import AutoTokenizer
+
+    from vllm_sentinel.engine.marked_messages import marked_chat
+
+    client, model = server["client"], server["model"]
+    documents = ["The tutorial explains how lists, tuples and dictionaries hold data. " * 6,
+                 "Modules group functions; a package is a directory of modules. " * 6]
+    messages = [*({"role": "user", "content": d, "sentinel": "compress"} for d in documents),
+                {"role": "user", "content": "Which directory holds modules?"}]
+    response = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+    prompt = list(response.prompt_token_ids)
+    generated = list(response.choices[0].token_ids)
+    ids, regions = marked_chat(AutoTokenizer.from_pretrained(sentinel_model_dir), messages)
+    assert ids == prompt and len(regions) == 2  # one region per document; the question stays raw
+    question_start = len(prompt) - len(AutoTokenizer.from_pretrained(sentinel_model_dir)(
+        "Which directory holds modules?\nassistant:", add_special_tokens=False)["input_ids"])
+    assert all(b <= question_start for _, b in regions)
+    marked = Regions(tuple(map(tuple, regions)), len(prompt))
+    assert generated == oracle_greedy(oracle, prompt, generated, marked)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": [{"role": "user", "content": "doc", "sentinel": "squash"}]}, "the allowed marks are"),
+    ({"messages": [{"role": "user", "content": "doc", "sentinel": "compress"}],
+      "vllm_xargs": {"sentinel_regions": [0, 1]}}, "not both"),
+])
+def test_bad_chat_marks_get_400(server, body, message):
+    client, model = server["client"], server["model"]
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(model=model, messages=body["messages"], max_tokens=3,
+                                       extra_body={"vllm_xargs": body["vllm_xargs"]} if "vllm_xargs" in body else None)
+
+
 @pytest.mark.parametrize("body, message", [
     ({"prompt": [5, 6, 4097, 7]}, "sentinel token <CR>"),
     ({"prompt": "x", "vllm_xargs": {"sentinel_span": 1}}, "sentinel_span=1 is out of range"),
@@ -95,6 +164,10 @@ def test_per_request_options_over_http(server):
     ({"prompt": "x", "vllm_xargs": {"sentinel_colour": 1}}, "unknown sentinel option"),
     ({"prompt": "x", "allowed_token_ids": [4096, 4097]}, "holds only sentinel ids"),
     ({"prompt": [5, 10 ** 9]}, "out of vocabulary"),
+    ({"prompt": [5, 6, 7], "vllm_xargs": {"sentinel_regions": [0, 4]}}, r"\[0, 4\) is out of range.*<= 3"),
+    ({"prompt": [5, 6, 7], "vllm_xargs": {"sentinel_regions": [0, 2, 1]}}, "even number of offsets"),
+    ({"prompt": "x y z", "vllm_xargs": {"sentinel_regions": [2, 3, 0, 1]}}, "must be sorted"),
+    ({"prompt": "x", "vllm_xargs": {"sentinel_output": "schedule"}}, "give sentinel_regions too"),
 ])
 def test_bad_requests_get_400_and_the_server_serves_on(server, body, message):
     client, model = server["client"], server["model"]

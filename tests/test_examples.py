@@ -1,6 +1,7 @@
 """Every script in examples/ runs as written (on small models and budgets); openai_stream.py runs in
 test_engine_serve.py, next to the server it needs, and recall_beyond_window.py in test_quality.py, on
 the models of the small quality run."""
+import json
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ def run_example(name: str, *args: str, timeout: int = 900, stderr: bool = False)
 
 def test_every_example_is_covered():
     covered = {"offline_generate.py", "ray_batch.py", "train_sentinel.py", "sweep_tiny_base.py", "openai_stream.py",
-               "recall_beyond_window.py"}
+               "recall_beyond_window.py", "marked_documents.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == covered
 
 
@@ -40,6 +41,18 @@ def test_offline_generate_shows_the_sentinel_engine_holding_fewer_blocks(sentine
     for noise in ("doesn't include CPU backend", "reduce_op", "Loading safetensors checkpoint shards"):
         assert noise not in out + err, noise
     assert "sentinel compression on" in Path("runs/logs/offline_generate.log").read_text()
+
+
+def test_marked_documents_hold_less_kv_than_the_same_chat_unmarked(sentinel_model_dir):
+    out = run_example("marked_documents.py", "--model", str(sentinel_model_dir), "--documents", "2", "--chars", "800",
+                      "--max-tokens", "8")
+    regions = re.search(r"marked documents are regions (\[\[.*\]\]), the question's (\d+) tokens", out)
+    assert regions and len(json.loads(regions.group(1))) == 2 and int(regions.group(2)) > 5
+    blocks = {name: int(n) for name, n in re.findall(r"^\s*(documents marked|nothing marked): peak KV blocks held +(\d+)",
+                                                       out, re.M)}
+    assert set(blocks) == {"documents marked", "nothing marked"}
+    assert blocks["documents marked"] < blocks["nothing marked"] / 2
+    assert out.count("answer: ") == 2 and " INFO " not in out
 
 
 def test_ray_batch_answers_every_row(sentinel_model_dir):

@@ -185,3 +185,37 @@ def test_every_regime_draws_the_same_windows_in_the_same_order():
     for regime in ("scattered", "local", "full"):
         for ours, theirs in zip(texts[regime], texts["sentinel"]):
             assert torch.equal(ours, theirs), regime
+
+
+def test_marked_windows_compress_inside_their_random_regions_only_and_leave_a_raw_tail():
+    """`marked_fraction`: a share of the windows trains with random marked regions (documents
+    compressed, the question raw); the sampler's batches follow exactly those spans."""
+    from vllm_sentinel.masks import build_stream
+    from vllm_sentinel.schedule import MarkedSpans, RandomRegions
+
+    schedule = ScheduleConfig(2, 8, 1, 3)
+    draws = RandomRegions(schedule, seed=3)
+    for _ in range(50):
+        regions = draws.regions(64)
+        assert regions.ranges and all(b <= 64 - 8 for _, b in regions.ranges)  # the raw tail: an eighth
+        spans = MarkedSpans(schedule, regions).spans(64)
+        assert all(any(a <= int(s) and int(e) <= b for a, b in regions.ranges) for s, e in spans.tolist())
+    first, second = RandomRegions(schedule, seed=3), RandomRegions(schedule, seed=3)
+    assert [first.regions(64) for _ in range(5)] == [second.regions(64) for _ in range(5)]  # seeded
+
+    stream = torch.as_tensor(STREAM[:5000])
+    cfg = recipe(schedule=schedule, batch_size=6, marked_fraction=1.0, jitter=0.0)
+    batch = sentinel_recipe.WindowSampler(stream, cfg, (VOCAB, VOCAB + 1)).batch()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, stream.numel() - cfg.seq_len, (cfg.batch_size,), generator=generator)
+    reference = RandomRegions(schedule, seed=cfg.seed)
+    for row, start in enumerate(starts.tolist()):
+        spans, window = reference.draw(cfg.seq_len)
+        s = build_stream(stream[start: start + cfg.seq_len], spans, VOCAB, VOCAB + 1, window=window)
+        assert torch.equal(batch.attention_mask[row, 0, : len(s), : len(s)] == 0, s.mask)
+    plain = sentinel_recipe.WindowSampler(stream, recipe(schedule=schedule, batch_size=6), (VOCAB, VOCAB + 1))
+    same = sentinel_recipe.WindowSampler(stream, recipe(schedule=schedule, batch_size=6, marked_fraction=0.0),
+                                         (VOCAB, VOCAB + 1))
+    assert torch.equal(plain.batch().attention_mask, same.batch().attention_mask)
+    with pytest.raises(ValueError, match="over 1"):
+        sentinel_recipe.WindowSampler(stream, recipe(random_span_fraction=0.6, marked_fraction=0.6), (VOCAB, VOCAB + 1))

@@ -9,8 +9,9 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SentinelConfig": "config", "ScheduleConfig": "config", "SentinelConfigError": "config",
-    "ScheduledSpans": "schedule", "JitteredSpans": "schedule", "RandomSpans": "schedule",
+    "SentinelConfig": "config", "ScheduleConfig": "config", "SentinelConfigError": "config", "Regions": "config",
+    "ScheduledSpans": "schedule", "MarkedSpans": "schedule", "JitteredSpans": "schedule", "RandomSpans": "schedule",
+    "RandomRegions": "schedule", "marked_chat": "engine.marked_messages",
     "build_stream": "masks", "SentinelStream": "masks",
     "local_attention_mask": "masks", "scattered_attention_mask": "masks",
     "dense_logits": "oracle", "IncrementalSentinelLM": "oracle",

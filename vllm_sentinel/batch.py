@@ -111,6 +111,12 @@ def _thread_binding(parts: int) -> str:
 
 def _to_engine_row(sampling_params: dict, row: dict) -> dict:
     token_ids = row.get("prompt_token_ids")
+    regions = row.get("regions")
+    if regions is not None:
+        # This row's marked regions, checked by the engine (a bad one fails the row alone). Ray Data
+        # hands them on as numpy arrays whatever this returns; the engine's parser takes those.
+        options = {**sampling_params.get("extra_args", {}).get("sentinel", {}), "regions": regions}
+        sampling_params = {**sampling_params, "extra_args": {"sentinel": options}}
     return {**row, "prompt": row.get("prompt") or "",
             "tokenized_prompt": None if token_ids is None else [int(t) for t in token_ids],
             "sampling_params": sampling_params}
@@ -127,12 +133,16 @@ def _from_engine_row(keep: tuple[str, ...], row: dict) -> dict:
 
 
 def run_batch(dataset, config: BatchConfig):
-    """Generate for every row of a Ray Dataset with `prompt` (text) or `prompt_token_ids` columns.
+    """Generate for every row of a Ray Dataset with `prompt` (text) or `prompt_token_ids` columns,
+    and optionally `regions`: per row, the marked regions to compress ([[start, end], ...] in the
+    prompt's token offsets; None for the schedule alone, [] for no compression of the prompt).
 
     Returns a Dataset with the caller's other columns plus generated_text, generated_token_ids,
     num_prompt_tokens, num_generated_tokens and error (None unless the row failed).
     """
     keep = tuple(name for name in dataset.columns() if name not in _ENGINE_COLUMNS)
+    if "regions" in keep and config.backend != "sentinel":
+        raise ValueError("a regions column marks what the sentinel engine compresses; it needs backend='sentinel'")
     return processor(config)(dataset).map(partial(_from_engine_row, keep))
 
 
@@ -142,7 +152,8 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(rows to run, rows already failed) from a JSONL file, one prompt per line.
 
     A line is `{"prompt": "..."}` or `{"prompt_token_ids": [...]}`, optionally with an "id"
-    (else the line number is the id). Blank lines are skipped; a malformed line becomes an error
+    (else the line number is the id) and "regions" (marked regions, [[start, end], ...] in token
+    offsets of the prompt). Blank lines are skipped; a malformed line becomes an error
     row so the caller can report it in place.
     """
     good, bad = [], []
@@ -162,11 +173,15 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[dict]]:
                 if token_ids is not None and (not isinstance(token_ids, list) or not token_ids
                                               or not all(isinstance(t, int) and t >= 0 for t in token_ids)):
                     raise ValueError('"prompt_token_ids" must be a non-empty list of non-negative ints')
+                regions = record.get("regions")
+                if regions is not None and (not isinstance(regions, list) or not all(
+                        isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in regions)):
+                    raise ValueError('"regions" must be a list of [start, end] pairs of ints')
             except ValueError as err:  # json.JSONDecodeError is a ValueError
                 bad.append({"line": number, "id": json.dumps(number), "error": f"line {number}: {err}"})
                 continue
             row = {"line": number, "id": json.dumps(record.get("id", number))}
-            row["prompt"], row["prompt_token_ids"] = prompt, token_ids
+            row["prompt"], row["prompt_token_ids"], row["regions"] = prompt, token_ids, regions
             good.append(row)
     return good, bad
 
@@ -195,6 +210,8 @@ def batch_file(input_path: str | Path, output_path: str | Path, config: BatchCon
             ray.init(num_cpus=max(os.cpu_count() or 1, config.replicas * config.tensor_parallel_size + 2),
                      include_dashboard=False, log_to_driver=False)
     results: list[dict] = list(bad)
+    if not any(row["regions"] is not None for row in good):
+        good = [{k: v for k, v in row.items() if k != "regions"} for row in good]
     if good:
         dataset = ray.data.from_items(good)
         results += list(run_batch(dataset, config).iter_rows())

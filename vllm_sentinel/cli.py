@@ -36,6 +36,7 @@ def cmd_train(args) -> None:
                       batch_size=args.batch_size, steps=args.steps, time_budget_s=args.time_budget,
                       lr=args.lr, lora_rank=args.lora_rank, full_finetune=args.full_finetune,
                       jitter=args.jitter, random_span_fraction=args.random_spans,
+                      marked_fraction=args.marked,
                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
     model, tokenizer = load_base(args.base)
     train_ids, heldout_ids = corpus_streams(args.corpus, tokenizer)
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
     p.add_argument("--jitter", type=float, default=0.25, help="relative jitter of span/gap/sink lengths and the window")
     p.add_argument("--random-spans", type=float, default=0.0, help="share of windows with the paper's random spans")
+    p.add_argument("--marked", type=float, default=0.0,
+                   help="share of windows with random marked regions (documents compressed, a raw tail), "
+                        "for a model served with per-request regions")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

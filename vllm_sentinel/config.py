@@ -95,6 +95,78 @@ class ScheduleConfig:
         return {name: getattr(self, name) for name in SCHEDULE_KEYS}
 
 
+OUTPUT_MODES = ("prompt", "schedule")
+
+
+def as_python(value):
+    """Lists and ints from numpy arrays and scalars, nested; anything else unchanged."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [as_python(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The parts of one request's prompt to compress (semantics page, "Marked regions").
+
+    `ranges`: sorted, non-overlapping half-open [a, b) of real-token offsets, 0 <= a < b <= prompt
+    length; inside each, spans of the schedule's L tokens separated by its G raw ones, from a, a
+    remainder shorter than L left raw. The sink does not apply; nothing outside them is compressed.
+    `output`: "prompt" leaves generated tokens raw; "schedule" compresses them too, in spans of L
+    separated by G from the first generated token."""
+
+    ranges: tuple[tuple[int, int], ...]
+    prompt_len: int
+    output: str = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUT_MODES:
+            raise SentinelConfigError(f"output={self.output!r} is not allowed: it must be one of {list(OUTPUT_MODES)}")
+        previous_end = 0
+        for i, pair in enumerate(self.ranges):
+            a, b = pair
+            if not 0 <= a < b <= self.prompt_len:
+                raise SentinelConfigError(
+                    f"region {i} [{a}, {b}) is out of range: regions need 0 <= start < end <= {self.prompt_len}, "
+                    "the prompt's length in tokens")
+            if a < previous_end:
+                raise SentinelConfigError(
+                    f"region {i} [{a}, {b}) starts before region {i - 1} ends ({previous_end}): regions must be "
+                    "sorted and must not overlap")
+            previous_end = b
+
+    @classmethod
+    def parse(cls, value: Any, prompt_len: int, output: str = "prompt") -> "Regions":
+        """From [[a, b], ...] (or the flat [a, b, a, b, ...] HTTP's vllm_xargs can carry), each an integer.
+        Numpy arrays count as lists: a Ray Data batch hands every list column back as arrays."""
+        value = as_python(value)
+        if not isinstance(value, (list, tuple)):
+            raise SentinelConfigError(f"regions={value!r} is not a list of [start, end] pairs")
+        flat = len(value) > 0 and all(not isinstance(v, (list, tuple)) for v in value)
+        if flat:
+            if len(value) % 2:
+                raise SentinelConfigError(f"regions={list(value)!r} as a flat list needs an even number of offsets "
+                                          "(start, end, start, end, ...)")
+            value = [value[i: i + 2] for i in range(0, len(value), 2)]
+        pairs = []
+        for i, pair in enumerate(value):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(
+                    isinstance(x, bool) or not isinstance(x, int) for x in pair):
+                raise SentinelConfigError(f"region {i} {pair!r} is not a pair of integers [start, end]")
+            pairs.append((pair[0], pair[1]))
+        return cls(tuple(pairs), prompt_len, output)
+
+    def span_starts(self, schedule: ScheduleConfig) -> list[int]:
+        """Where the prompt's spans start: in each region, every L + G tokens while a whole span fits."""
+        period = schedule.span + schedule.gap
+        return [start for a, b in self.ranges for start in range(a, b - schedule.span + 1, period)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ranges": [list(r) for r in self.ranges], "prompt_len": self.prompt_len, "output": self.output}
+
+
 @dataclass(frozen=True)
 class SentinelConfig:
     cl_token: str = "<CL>"

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .config import ScheduleConfig, SentinelConfig
+from .config import Regions, ScheduleConfig, SentinelConfig
 from .families import refusal
 from .masks import additive_mask, build_stream
-from .schedule import ScheduledSpans
+from .schedule import MarkedSpans, ScheduledSpans
 
 _mask_support_checked: set[tuple[str, str]] = set()
 
@@ -90,11 +90,12 @@ class IncrementalSentinelLM:
     dropped, so x_{j+W+1} on sees it only through `<CR>` (W = 0: right after x_j, the paper's rule).
     """
 
-    def __init__(self, model, config: SentinelConfig, schedule: ScheduleConfig | None = None):
+    def __init__(self, model, config: SentinelConfig, schedule: ScheduleConfig | None = None,
+                 regions: Regions | None = None):
         check_custom_mask_support(model)
         self.model, self.config = model, config
         self.schedule = schedule or config.schedule
-        self.spans = ScheduledSpans(self.schedule)
+        self.spans = ScheduledSpans(self.schedule) if regions is None else MarkedSpans(self.schedule, regions)
         self.reset()
 
     def reset(self) -> None:

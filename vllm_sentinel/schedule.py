@@ -6,7 +6,9 @@ exists are returned: a span closes when its last token has been computed, and an
 is simply part of the visible context.
 
 - `ScheduledSpans`: the deterministic sink/span/gap rule the engine serves with.
+- `MarkedSpans`: a request's marked regions, spans of the schedule's length inside them only.
 - `JitteredSpans`: the same rule with random jitter, for training a model robust around it.
+- `RandomRegions`: random marked regions and a raw tail, for training a model to read marked prompts.
 - `RandomSpans`: the paper's training spans (2..25 tokens) at a target net compression ratio.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from .config import ScheduleConfig
+from .config import Regions, ScheduleConfig
 
 
 def as_spans(pairs: list[tuple[int, int]] | torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,35 @@ class ScheduledSpans:
         s = self.schedule
         starts = s.sink + torch.arange(self.num_closed(num_tokens)) * (s.span + s.gap)
         return torch.stack([starts, starts + s.span], dim=1)
+
+
+class MarkedSpans:
+    """A request's marked regions: spans inside them only (and, with `output="schedule"`, after the
+    prompt), each of the schedule's L tokens (semantics page, "Marked regions")."""
+
+    def __init__(self, schedule: ScheduleConfig, regions: Regions):
+        self.schedule, self.regions = schedule, regions
+        self._prompt_starts = regions.span_starts(schedule)
+
+    def _starts(self, num_tokens: int) -> list[int]:
+        """Starts of the spans wholly inside the first `num_tokens` tokens."""
+        s = self.schedule
+        starts = [a for a in self._prompt_starts if a + s.span <= num_tokens]
+        if self.regions.output == "schedule":
+            starts += range(self.regions.prompt_len, num_tokens - s.span + 1, s.span + s.gap)
+        return starts
+
+    def num_closed(self, num_tokens: int) -> int:
+        return len(self._starts(num_tokens))
+
+    def closing_span_start(self, index: int) -> int | None:
+        """Start of the span whose last token is real token `index`, else None."""
+        start = index + 1 - self.schedule.span
+        return start if start in self._starts(index + 1)[-1:] else None
+
+    def spans(self, num_tokens: int) -> torch.Tensor:
+        starts = torch.tensor(self._starts(num_tokens), dtype=torch.long)
+        return torch.stack([starts, starts + self.schedule.span], dim=1)
 
 
 def _seeded(seed: int, key: str) -> torch.Generator:
@@ -115,6 +146,29 @@ class JitteredSpans:
 
     def spans(self, num_tokens: int) -> torch.Tensor:
         return self.draw(num_tokens)[0]
+
+
+class RandomRegions:
+    """Random marked regions for training: one to three "documents" over a sample, then a raw tail
+    (the question) of at least an eighth of it, spans of the schedule's L and G inside the regions
+    only (`MarkedSpans`), so a model learns to read a prompt that is partly compressed."""
+
+    def __init__(self, schedule: ScheduleConfig, seed: int = 0):
+        self.schedule, self.seed = schedule, seed
+        self._calls = 0
+
+    def regions(self, num_tokens: int) -> Regions:
+        self._calls += 1
+        g = _seeded(self.seed, f"regions:{self._calls}")
+        covered = num_tokens - max(1, num_tokens // 8)
+        count = _randint(1, 3, g)
+        cuts = sorted(torch.randperm(covered + 1, generator=g)[: 2 * count].tolist())
+        ranges = tuple((a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b)
+        return Regions(ranges, num_tokens)
+
+    def draw(self, num_tokens: int) -> tuple[torch.Tensor, int]:
+        """The spans among `num_tokens` real tokens and the recent window, for one sample."""
+        return MarkedSpans(self.schedule, self.regions(num_tokens)).spans(num_tokens), self.schedule.window
 
 
 class RandomSpans:

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ScheduleConfig
+from ..config import Regions, ScheduleConfig
+
+
+NO_SPAN = 1 << 60  # "span m does not exist": its start (and so its close token) lies past any request
 
 
 def cdiv(a: int, b: int) -> int:
@@ -34,70 +37,101 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVLayout:
-    def __init__(self, schedule: ScheduleConfig | None):
-        self.schedule = schedule
+    """Spans are all L tokens long; where they start is the schedule's rule (sink, then every L + G:
+    `tail_from` = S, no explicit starts) or a request's marked regions (explicit `starts`, and with
+    `output="schedule"` a periodic tail from the prompt's end). Everything below needs only the count
+    of span starts below a position (`starts_below`) and span m's start."""
+
+    def __init__(self, schedule: ScheduleConfig | None, regions: Regions | None = None):
+        self.schedule, self.regions = schedule, regions
         if schedule is None:
             self.sink, self.span, self.gap, self.window = 0, 0, 0, 0
         else:
-            self.sink, self.span, self.gap = schedule.sink, schedule.span, schedule.gap
+            self.sink, self.span, self.gap = (0 if regions else schedule.sink), schedule.span, schedule.gap
             self.window = getattr(schedule, "window", 0)
         self.period = self.span + self.gap
+        if regions is None:
+            self.starts, self.tail_from = np.zeros(0, dtype=np.int64), self.sink
+        else:
+            self.starts = np.asarray(regions.span_starts(schedule), dtype=np.int64)
+            self.tail_from = regions.prompt_len if regions.output == "schedule" else None
+        self.marked = regions is not None
 
     @property
     def compresses(self) -> bool:
         return self.schedule is not None
 
+    @property
+    def key(self) -> tuple:
+        """What the physical content of a request's blocks depends on besides its tokens (prefix caching)."""
+        if not self.compresses:
+            return ("sentinel", "off")
+        base = ("sentinel", self.sink, self.span, self.gap, self.window)
+        return base if not self.marked else (*base, "regions", tuple(self.starts.tolist()), self.tail_from)
+
     def __repr__(self) -> str:
-        return f"KVLayout({self.schedule})"
+        return f"KVLayout({self.schedule}{', ' + str(self.regions) if self.marked else ''})"
 
     # -- spans --------------------------------------------------------------------------------
+    def starts_below(self, x):
+        """Spans that start before real token x (scalar or array)."""
+        if not self.compresses:
+            return np.zeros_like(x) if isinstance(x, np.ndarray) else 0
+        if not self.marked:  # the hot path: plain integer arithmetic
+            if isinstance(x, np.ndarray):
+                return np.where(x > self.tail_from, (x - self.tail_from + self.period - 1) // self.period, 0)
+            return (x - self.tail_from + self.period - 1) // self.period if x > self.tail_from else 0
+        count = np.searchsorted(self.starts, x, side="left")
+        if self.tail_from is not None:
+            count = count + np.where(np.asarray(x) > self.tail_from,
+                                     (np.asarray(x) - self.tail_from + self.period - 1) // self.period, 0)
+        return count if isinstance(x, np.ndarray) else int(count)
+
     def num_closed(self, n):
-        """k(n): spans compacted once `n` real tokens are computed (scalar or array)."""
-        first = self.sink + self.span + self.window  # n at which span 0 is compacted
-        if isinstance(n, np.ndarray):
-            if not self.compresses:
-                return np.zeros_like(n)
-            done = n - first
-            return np.where(done >= 0, done // self.period + 1, 0)
-        if not self.compresses or n < first:
-            return 0
-        return (n - first) // self.period + 1
+        """k(n): spans compacted once `n` real tokens are computed (scalar or array): those with
+        start + L - 1 + W < n."""
+        return self.starts_below(n - self.span + 1 - self.window)
 
     def num_ended(self, t):
         """Spans whose last token lies before real token t (scalar or array)."""
-        if not self.compresses:
-            return np.zeros_like(t) if isinstance(t, np.ndarray) else 0
-        done = np.asarray(t) - self.sink - self.span
-        ended = np.where(done >= 0, done // self.period + 1, 0)
-        return ended if isinstance(t, np.ndarray) else int(ended)
+        return self.starts_below(t - self.span + 1)
 
     def num_tokens_with_sentinels(self, computed: int, num_real: int) -> int:
         """Tokens a chunk of `num_real` real tokens after `computed` becomes: one `<CR>` per compaction."""
         return num_real + self.num_closed(computed + num_real) - self.num_closed(computed)
 
     def span_start(self, m):
-        return self.sink + m * self.period
+        """Where span m starts; `NO_SPAN` past the last span of marked regions without output spans."""
+        if not self.marked:
+            return self.tail_from + m * self.period
+        m = np.asarray(m)
+        explicit = len(self.starts)
+        later = NO_SPAN if self.tail_from is None else self.tail_from + (m - explicit) * self.period
+        start = np.where(m < explicit, self.starts[np.clip(m, 0, explicit - 1)] if explicit else 0, later)
+        return start if start.ndim else int(start)
 
     def span_last(self, m):
         """j_m: the last real token of span m."""
-        return self.sink + m * self.period + self.span - 1
+        return self.span_start(m) + self.span - 1
 
     def close_token(self, m):
         """c_m = j_m + W: the real token right after which span m is compacted."""
         return self.span_last(m) + self.window
 
     def base(self, m):
-        """The physical slot of span m's `<CR>` (where the span began)."""
-        return self.sink + m * (self.gap + 1)
+        """The physical slot of span m's `<CR>` (where the span began, less the L - 1 slots each of
+        the m spans before it gave back)."""
+        return self.span_start(m) - (self.span - 1) * m
 
     def span_of(self, t: np.ndarray) -> np.ndarray:
-        """Span index of each real token, -1 for sink and gap tokens."""
+        """Span index of each real token, -1 for tokens outside every span."""
         t = np.asarray(t)
         if not self.compresses:
             return np.full(t.shape, -1, dtype=np.int64)
-        offset = t - self.sink
-        inside = (offset >= 0) & (offset % self.period < self.span)
-        return np.where(inside, offset // self.period, -1)
+        m = self.starts_below(t + 1) - 1  # the last span starting at or before t
+        m = np.asarray(m)
+        inside = (m >= 0) & (t < self.span_start(np.maximum(m, 0)) + self.span)
+        return np.where(inside, m, -1)
 
     # -- physical positions -------------------------------------------------------------------
     def slot_of(self, t: np.ndarray, n: int) -> np.ndarray:
@@ -165,8 +199,22 @@ class KVLayout:
         """Real tokens that the first `slots` final slots stand for (each `<CR>` for its whole span)."""
         if not self.compresses or slots <= self.sink:
             return slots
-        m, r = divmod(slots - self.sink, self.gap + 1)
-        return self.span_start(m) + (self.span + r - 1 if r else 0)
+        if not self.marked:
+            m, r = divmod(slots - self.sink, self.gap + 1)
+            return self.span_start(m) + (self.span + r - 1 if r else 0)
+        # m = the number of <CR>s among the first `slots` slots: bases grow by at least one per span
+        # (starts are at least L apart), so there are fewer than `slots` of them.
+        low, high = 0, slots
+        while low < high:
+            mid = (low + high) // 2
+            if self.base(mid) < slots:
+                low = mid + 1
+            else:
+                high = mid
+        m = low
+        if m == 0:
+            return slots
+        return self.span_start(m - 1) + self.span + (slots - self.base(m - 1) - 1)
 
     def tokens_in_slots(self, slots: int, version: int) -> int:
         """Real tokens that the first `slots` slots stand for in a state with `version` compactions:
@@ -182,6 +230,8 @@ class KVLayout:
         """The per-request block bound promised to users, for n real tokens."""
         if not self.compresses:
             return cdiv(n, block_size)
+        if self.marked:
+            return cdiv(self.peak_physical_len(n) + 2, block_size) + 1
         s, w = self.schedule, self.window
         steady = s.sink + cdiv(max(n - s.sink - w, 0), s.span + s.gap) * (s.gap + 1) + w + s.span + 2
         return cdiv(steady, block_size) + 1

@@ -102,7 +102,8 @@ class SentinelModelRunnerMixin:
         for req_id in scheduler_output.finished_req_ids:
             self.sentinel_layouts.pop(req_id, None)
         for new in scheduler_output.scheduled_new_reqs:
-            self.sentinel_layouts[new.req_id] = self.sentinel.request_layout(new.sampling_params)
+            self.sentinel_layouts[new.req_id] = self.sentinel.request_layout(new.sampling_params,
+                                                                             len(new.prompt_token_ids or ()))
         computed = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
         cached = scheduler_output.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))

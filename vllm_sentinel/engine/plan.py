@@ -159,6 +159,8 @@ class StepPlan:
 
     @classmethod
     def build(cls, layouts: list[KVLayout], computed, num_real) -> "StepPlan":
+        if any(layout.marked for layout in layouts):
+            return cls.from_chunks(layouts, computed, num_real)
         c = np.asarray(computed, dtype=np.int64)
         k = np.asarray(num_real, dtype=np.int64)
         if (k < 1).any():
@@ -212,6 +214,23 @@ class StepPlan:
                    np.array([layout.physical_len(int(x)) for layout, x in zip(layouts, c)], dtype=np.int64),
                    query_start, positions, slots, kinds, np.maximum(S[closing] + mc * P[closing] - 1, 0),
                    real_at[first + k - 1], real_at)
+
+    @classmethod
+    def from_chunks(cls, layouts: list[KVLayout], computed, num_real) -> "StepPlan":
+        """The same plan from one `plan_chunk` per request: for steps with marked regions, whose
+        spans are a list per request rather than a rule the vectorised pass can evaluate."""
+        chunks = [plan_chunk(layout, int(c), int(k)) for layout, c, k in zip(layouts, computed, num_real)]
+        if any(ch.num_real < 1 for ch in chunks):
+            raise ValueError("every planned request needs at least one scheduled token")
+        query_start = np.concatenate([[0], np.cumsum([ch.num_tokens for ch in chunks])]).astype(np.int64)
+        join = lambda arrays: np.concatenate(arrays).astype(np.int64)  # noqa: E731
+        return cls(layouts, np.asarray(computed, dtype=np.int64), np.asarray(num_real, dtype=np.int64),
+                   np.array([ch.num_closings for ch in chunks], dtype=np.int64),
+                   np.array([ch.cached_len for ch in chunks], dtype=np.int64), query_start,
+                   join([ch.positions for ch in chunks]), join([ch.slots for ch in chunks]),
+                   join([ch.kinds for ch in chunks]), join([ch.cl_positions for ch in chunks]),
+                   query_start[:-1] + np.array([ch.last_real for ch in chunks], dtype=np.int64),
+                   join([start + np.flatnonzero(ch.kinds == REAL) for start, ch in zip(query_start, chunks)]))
 
     def chunk(self, row: int) -> ChunkPlan:
         return plan_chunk(self.layouts[row], int(self.computed[row]), int(self.num_real[row]))

@@ -48,9 +48,7 @@ class PhysicalBlockHashes:
         self.block_size = block_size
         self.hash_fn = hash_fn
         self.token_ids = token_ids  # the request's growing list of real tokens, read, never copied whole
-        schedule = layout.schedule
-        self.key = (("sentinel", schedule.sink, schedule.span, schedule.gap, layout.window)
-                    if layout.compresses else ("sentinel", "off"))
+        self.key = layout.key  # the schedule, or "off", and a request's marked regions: in every hash
         self.salt = salt
         self.final: list[BlockHash] = []
         self.tails: dict[int, list[BlockHash]] = {}

@@ -104,7 +104,7 @@ class SentinelScheduler(Scheduler):
 
     def _junction_key(self, request, junction: int) -> tuple:
         blocks = junction // self.hash_block_size
-        return (request.block_hashes[blocks - 1] if blocks else None, junction, self.layouts[request.request_id].schedule)
+        return (request.block_hashes[blocks - 1] if blocks else None, junction, self.layouts[request.request_id].key)
 
     def _wait_for_junctions(self) -> list:
         """Waiting requests that would recompute a prefix that an earlier request (running, or
@@ -152,7 +152,8 @@ class SentinelScheduler(Scheduler):
         # The request was checked before it got here (patches/engine_core_validation.py), so this
         # cannot raise; streaming-input sessions, whose later chunks come through here, are refused.
         if request.request_id not in self.requests:
-            self.layouts[request.request_id] = self.sentinel.request_layout(request.sampling_params)
+            self.layouts[request.request_id] = self.sentinel.request_layout(request.sampling_params,
+                                                                            request.num_prompt_tokens)
         super().add_request(request)
 
     def _free_blocks(self, request) -> None:

@@ -10,6 +10,9 @@
   the request uncompressed, `{"span": 8, "gap": 3}` (any of sink, span, gap, window) uses another
   schedule. Over HTTP, where `vllm_xargs` takes flat values only, the same choices are the keys
   `sentinel_enabled`, `sentinel_sink`, `sentinel_span`, `sentinel_gap`, `sentinel_window`.
+- `{"regions": [[a, b], ...], "output": "prompt" | "schedule"}` compresses only the marked parts of
+  the prompt (semantics page, "Marked regions"); over HTTP `sentinel_regions` is one flat list
+  [a, b, a, b, ...]. Regions are checked against the prompt once it is tokenized.
 
 Every number a client sends is checked here, strictly (an integer, not a bool, a string or a
 float) and against a range bounded by `max_model_len`, because it ends up in int64 arithmetic in
@@ -26,15 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_FILE, HOW_TO_MAKE, ScheduleConfig, SentinelConfig, SentinelConfigError
+from ..config import CONFIG_FILE, HOW_TO_MAKE, Regions, ScheduleConfig, SentinelConfig, SentinelConfigError, as_python
 from .layout import KVLayout
 
 KEY = "sentinel"                    # the user's options, in additional_config and SamplingParams.extra_args
 RESOLVED_KEY = "sentinel_resolved"  # what the front end resolved, in additional_config
 FLAT_PREFIX = "sentinel_"           # extra_args keys over HTTP: sentinel_enabled, sentinel_span, ...
 SCHEDULE_FIELDS = ("sink", "span", "gap", "window")
-REQUEST_FIELDS = ("enabled", *SCHEDULE_FIELDS)
+REGION_FIELDS = ("regions", "output")  # marked regions (semantics page): which spans of the prompt
+REQUEST_FIELDS = ("enabled", *SCHEDULE_FIELDS, *REGION_FIELDS)
 SERVER_FIELDS = (*SCHEDULE_FIELDS, "min_span", "allow_request_overrides")
+UNBOUNDED = 1 << 62  # the prompt length regions are checked against before the prompt is known
 MIN_SPAN = 2  # a span of one token would be replaced by its <CR> and save nothing
 
 
@@ -160,6 +165,14 @@ class EngineSettings:
         """The schedule one request runs with; None when it asked for no compression.
 
         Raises `SentinelOptionError` naming the key, the value and the allowed range."""
+        return self.request_compression(extra_args)[0]
+
+    def request_compression(self, extra_args: dict | None,
+                            prompt_len: int | None = None) -> tuple[ScheduleConfig | None, Regions | None]:
+        """(schedule, marked regions or None) one request runs with; the schedule is None when it asked
+        for no compression. Regions are checked against `prompt_len` when it is given.
+
+        Raises `SentinelOptionError` naming the key, the value and the allowed range."""
         extra_args = extra_args or {}
         nested = extra_args.get(KEY)
         flat = {key[len(FLAT_PREFIX):]: value for key, value in extra_args.items()
@@ -168,7 +181,7 @@ class EngineSettings:
             raise SentinelOptionError(f"give the sentinel options either as extra_args[{KEY!r}] = {{...}} or as "
                                       f"{FLAT_PREFIX}* keys, not both")
         if KEY not in extra_args and not flat:
-            return self.schedule
+            return self.schedule, None
         if KEY in extra_args:
             if not isinstance(nested, dict):
                 raise SentinelOptionError(
@@ -190,12 +203,25 @@ class EngineSettings:
             if choice:
                 raise SentinelOptionError(f"a schedule makes no sense with {name('enabled')}=false; drop "
                                           f"{', '.join(name(f) for f in sorted(choice))} or enable compression")
-            return None
-        return self._schedule(self.schedule, choice, name, self.min_span)
+            return None, None
+        regions, output = choice.pop("regions", None), choice.pop("output", None)
+        schedule = self._schedule(self.schedule, choice, name, self.min_span)
+        if regions is None:
+            if output is not None:
+                raise SentinelOptionError(f"{name('output')} says how to treat generated tokens after marked regions; "
+                                          f"give {name('regions')} too, or drop it")
+            return schedule, None
+        try:
+            # Without the prompt (the front end, before tokenizing) only the regions' form is checked.
+            parsed = Regions.parse(regions, UNBOUNDED if prompt_len is None else prompt_len,
+                                   "prompt" if output is None else output)
+        except SentinelConfigError as error:
+            raise SentinelOptionError(f"{name('regions')}: {error}") from None
+        return schedule, (None if prompt_len is None else parsed)
 
-    def request_layout(self, sampling_params) -> KVLayout:
+    def request_layout(self, sampling_params, prompt_len: int | None = None) -> KVLayout:
         extra_args = getattr(sampling_params, "extra_args", None) if sampling_params is not None else None
-        return KVLayout(self.request_schedule(extra_args))
+        return KVLayout(*self.request_compression(extra_args, prompt_len))
 
     def check_prompt(self, prompt_token_ids) -> None:
         """Sentinel ids may not appear in a prompt: the engine inserts them."""
@@ -222,13 +248,31 @@ class EngineSettings:
             raise SentinelOptionError(
                 "streaming-input sessions (resumable requests) are not supported with --attention-backend "
                 "sentinel: a session's chunks could ask for different schedules; send each input as one request")
-        self.check_prompt(prompt_token_ids)
+        if prompt_token_ids is not None:
+            self.check_prompt(prompt_token_ids)
         allowed = sampling_params.allowed_token_ids
         if allowed is not None and len(allowed) and set(allowed) <= set(self.sentinel_ids):
             raise SentinelOptionError(
                 f"allowed_token_ids {list(allowed)} holds only sentinel ids, which the engine never samples; "
                 "allow at least one ordinary token")
-        self.request_schedule(sampling_params.extra_args)
+        self.request_compression(sampling_params.extra_args,
+                                 None if prompt_token_ids is None else len(prompt_token_ids))
+
+    @staticmethod
+    def plain_regions(sampling_params) -> None:
+        """Marked regions as Python lists (a copy of extra_args where they were numpy arrays, as a Ray
+        Data column hands them on): arrays reach EngineCore as vLLM's array encoding, not lists."""
+        extra_args = sampling_params.extra_args or {}
+        options = extra_args.get(KEY)
+        if isinstance(options, dict) and "regions" in options:
+            sampling_params.extra_args = {**extra_args, KEY: {**options, "regions": as_python(options["regions"])}}
+        elif FLAT_PREFIX + "regions" in extra_args:
+            sampling_params.extra_args = {**extra_args,
+                                          FLAT_PREFIX + "regions": as_python(extra_args[FLAT_PREFIX + "regions"])}
+
+    def check_regions(self, prompt_token_ids, sampling_params) -> None:
+        """A request's marked regions against its tokenized prompt (in range, sorted, disjoint)."""
+        self.request_compression(getattr(sampling_params, "extra_args", None), len(prompt_token_ids))
 
 
 class _NoTokenizer:

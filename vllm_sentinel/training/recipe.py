@@ -25,7 +25,7 @@ from .recall import RecallConfig, RecallGenerator, draw_windows
 from ..config import ScheduleConfig, SentinelConfig
 from .evaluate import perplexity
 from ..oracle import UnsupportedModelError, check_custom_mask_support
-from ..schedule import JitteredSpans, RandomSpans
+from ..schedule import JitteredSpans, RandomRegions, RandomSpans
 
 # For base models that never had a chat format, so `/v1/chat/completions` works on the result.
 DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -48,6 +48,7 @@ class TrainConfig:
     full_finetune: bool = False
     jitter: float = 0.25
     random_span_fraction: float = 0.0  # share of windows with the paper's random spans instead
+    marked_fraction: float = 0.0       # share of windows with random marked regions (RandomRegions) instead
     recall_share: float = 0.0          # share of windows that are recall documents (recall.py)
     recall: RecallConfig = field(default_factory=RecallConfig)  # their shape (length = seq_len)
     eval_every: int = 100
@@ -123,13 +124,20 @@ class WindowSampler:
         self.keep_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.scheduled = JitteredSpans(cfg.schedule, cfg.jitter, seed=cfg.seed)
         self.random = RandomSpans(min(cfg.schedule.net_ratio, 0.9), sink=cfg.schedule.sink, seed=cfg.seed)
+        self.marked = RandomRegions(cfg.schedule, seed=cfg.seed)
+        if cfg.random_span_fraction + cfg.marked_fraction > 1:
+            raise ValueError(f"random_span_fraction {cfg.random_span_fraction} + marked_fraction "
+                             f"{cfg.marked_fraction} is over 1: they are shares of the same windows")
 
     def _spans(self, n: int) -> tuple[torch.Tensor, int]:
-        """One sample's spans and recent window: the schedule's, jittered (the paper's random spans
-        keep the schedule's window as it is)."""
-        use_random = float(torch.rand((), generator=self.generator)) < self.cfg.random_span_fraction
-        if use_random:
+        """One sample's spans and recent window: the schedule's, jittered, or the paper's random
+        spans, or random marked regions (both keep the schedule's window as it is). One uniform draw
+        picks among them, so shares of 0 draw exactly as before."""
+        u = float(torch.rand((), generator=self.generator))
+        if u < self.cfg.random_span_fraction:
             return self.random.spans(n), self.cfg.schedule.window
+        if u < self.cfg.random_span_fraction + self.cfg.marked_fraction:
+            return self.marked.draw(n)
         return self.scheduled.draw(n)
 
     def batch(self):
