@@ -7,17 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CLI = str(Path(sys.executable).parent / "vllm-sentinel")
 
 
 def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_model_dir, tmp_path):
-    result = subprocess.run([CLI, "bench", "--model", str(sentinel_model_dir), "--quick", "--workloads",
-                             "kv-bound,span-sweep", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    result = subprocess.run([CLI, "bench", "--model", str(sentinel_model_dir), "--quick", "--enforce-eager", "--workloads",
+                             "kv-bound,long-gen,span-sweep", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "sentinel / stock:" in result.stdout
     label = sentinel_model_dir.name
     report = json.loads((tmp_path / f"bench-{label}.json").read_text())
-    [kv_bound] = report["results"]
+    kv_bound, long_gen = report["results"]
+    assert "both engines eager (--enforce-eager)" in result.stdout and report["settings"]["enforce_eager"]
     stock, sentinel = kv_bound["runs"]["stock"], kv_bound["runs"]["sentinel"]
     assert stock["output_tokens_per_s"] > 0 and kv_bound["ratios"]["output_tokens_per_s"] > 0
     # The KV budget holds four uncompressed requests: stock preempts, the sentinel engine fits them
@@ -29,6 +33,13 @@ def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_mo
     # the machine's limit, in the same run: stock with an ample pool
     assert kv_bound["runs"]["stock-ample"]["preemptions"] == 0
     assert kv_bound["ratios_vs_ample"]["output_tokens_per_s"] > 0 and "stock (ample pool)" in result.stdout
+    # the limit row: stock at the physical context the sentinel engine held, on decode
+    limit = long_gen["limit"]
+    held = long_gen["runs"]["sentinel"]["mean_kv_slots_per_request"]
+    assert limit["mean_kv_slots"] == held and 16 < held < 32 + 320
+    assert limit["workload"]["input_len"] + limit["workload"]["output_len"] / 2 == pytest.approx(held, abs=1.5)
+    assert long_gen["runs"]["stock-limit"]["output_tokens_per_s"] > 0 and limit["tpot_ratio"] > 0
+    assert "the limit: stock attending to the" in result.stdout
     assert [r["workload"]["span"] for r in report["span_sweep"]] == [4, 16]
     assert "stock" in report["span_sweep"][0]["runs"]
     assert (tmp_path / f"bench-{label}.png").stat().st_size > 10_000
@@ -37,7 +48,7 @@ def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_mo
 def test_the_quick_chat_bench_reads_hits_from_vllm_and_compares_three_engines(sentinel_model_dir, tmp_path):
     """A shared system prompt and conversations; hit rates are vLLM's own counters."""
     result = subprocess.run([CLI, "bench-chat", "--model", str(sentinel_model_dir), "--window", "32", "--quick",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+                             "--enforce-eager", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "sentinel / stock (both caching)" in result.stdout
     report = json.loads((tmp_path / f"bench-chat-{sentinel_model_dir.name}-w32.json").read_text())
@@ -54,7 +65,8 @@ def test_the_quick_chat_bench_reads_hits_from_vllm_and_compares_three_engines(se
 
 
 def test_long_prompts_run_each_engine_in_its_own_process_and_measure_it(tmp_path):
-    result = subprocess.run([CLI, "bench", "--quick", "--workloads", "long-prompt", "--out", str(tmp_path)],
+    result = subprocess.run([CLI, "bench", "--quick", "--enforce-eager", "--workloads", "long-prompt", "--out",
+                             str(tmp_path)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     [row] = json.loads((tmp_path / "bench-long-prompt.json").read_text())
@@ -68,7 +80,7 @@ def test_long_prompts_run_each_engine_in_its_own_process_and_measure_it(tmp_path
 def test_bench_serve_drives_vllm_bench_serve_against_both_servers(sentinel_model_dir, tmp_path):
     result = subprocess.run([CLI, "bench-serve", "--model", str(sentinel_model_dir), "--num-prompts", "6",
                              "--input-len", "32", "--output-len", "24", "--kv-budget-requests", "2",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+                             "--enforce-eager", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "bench-serve.json").read_text())
     for backend in ("stock", "sentinel"):

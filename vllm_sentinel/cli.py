@@ -115,14 +115,14 @@ def cmd_bench(args) -> None:
         from .bench.throughput import long_prompts
 
         workloads.remove("long-prompt")
-        rows = long_prompts(args.out, quick=args.quick)
+        rows = long_prompts(args.out, quick=args.quick, enforce_eager=args.enforce_eager)
         (Path(args.out) / "bench-long-prompt.json").write_text(json.dumps(rows, indent=2))
         if not workloads:
             return
     for label, model in models:
         dummy = label == "dummy"
         report = bench(model, args.out, workloads, quick=args.quick, dtype="bfloat16" if dummy else args.dtype,
-                       load_format="dummy" if dummy else "auto", enforce_eager=not args.compile, label=label)
+                       load_format="dummy" if dummy else "auto", enforce_eager=args.enforce_eager, label=label)
         print(f"{label}: {report['seconds']:.0f} s; results in {args.out}/bench-{label}.json and .png")
 
 
@@ -139,7 +139,7 @@ def cmd_bench_chat(args) -> None:
         model, label, dtype, load_format = args.model, Path(args.model).name, args.dtype, "auto"
     label += f"-w{args.window}" if args.window is not None else ""
     report = bench_chat(model, args.out, quick=args.quick, window=args.window, dtype=dtype, load_format=load_format,
-                        label=label)
+                        label=label, enforce_eager=args.enforce_eager)
     print(f"{report['seconds']:.0f} s; results in {args.out}/bench-chat-{label}.json and .png")
 
 
@@ -149,7 +149,7 @@ def cmd_bench_serve(args) -> None:
     from .bench.throughput import realistic_dummy_model
     from .bench.serve import ServeWorkload, format_report, serve_bench
 
-    serve_args = [] if args.compile else ["--enforce-eager"]
+    serve_args = ["--enforce-eager"] if args.enforce_eager else []
     model = args.model
     if model is None:
         model = str(realistic_dummy_model(Path(args.out) / "model-dummy"))
@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the engines (adds ~40 s per engine start on CPU; eager by default)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="both engines eager, without torch.compile (faster start; vLLM's default, which users run, "
+                        "is compiled)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-chat", help="prefix caching: stock vLLM vs sentinel without and with it, one run",
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="both engines eager, without torch.compile (faster start; vLLM's default, which users run, "
+                        "is compiled)")
     p.set_defaults(func=cmd_bench_chat)
 
     p = sub.add_parser("bench-serve", help="`vllm bench serve` against `vllm serve`, stock and sentinel",
@@ -299,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", default="inf")
     p.add_argument("--kv-budget-requests", type=float, default=4.0, help="KV pool, in uncompressed requests")
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--compile", action="store_true", help="torch.compile the servers (eager by default)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="both servers eager, without torch.compile (faster start; vLLM's default, which users run, "
+                        "is compiled)")
     p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("soak", help="hammer `vllm serve --attention-backend sentinel` and check no request hurt it",

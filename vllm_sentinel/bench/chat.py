@@ -121,11 +121,12 @@ def run_engine(model_dir: str, sentinel: bool, caching: bool, workload: ChatWork
 
 
 def bench_chat(model_dir: str, out_dir: str | Path, quick: bool = False, window: int | None = None,
-               dtype: str = "auto", load_format: str = "auto", label: str | None = None) -> dict:
+               dtype: str = "auto", load_format: str = "auto", label: str | None = None,
+               enforce_eager: bool = False) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workload = QUICK if quick else ChatWorkload()
-    settings = {"dtype": dtype, "load_format": load_format, "enforce_eager": True}
+    settings = {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager}
     schedule = SentinelConfig.load(model_dir).schedule
     if window is not None:
         schedule = replace(schedule, window=window)

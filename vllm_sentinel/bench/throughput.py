@@ -3,14 +3,16 @@
 The conventions of `vllm bench throughput`: random-token prompts of a fixed input length, a fixed
 output length with `ignore_eos`, every request submitted at once; requests/s, output tokens/s and
 total tokens/s. Both engines run in this one process, one after the other, and the ratios are
-printed. Per engine also: peak running requests, preemptions, KV blocks in use over time, time to
+printed. Compiled, as vLLM runs by default (`enforce_eager=True` for eager). Per engine also: peak running requests, preemptions, KV blocks in use over time, time to
 first token and per output token (p50/p99), and the sentinel tokens the backend added.
 
 Workloads:
 - kv-bound: a KV budget that holds only a few uncompressed requests, long generations;
 - overhead: ample memory, short outputs (what compression costs when memory is not the limit);
 - prefill: long prompts, short outputs;
-- long-gen: long generations; stock on an ample pool only, sentinel on a small one;
+- long-gen: long generations; stock on an ample pool only, sentinel on a small one; and the limit:
+  stock at the physical context sentinel held (its mean KV slots per request), whose TPOT is the
+  best a compacting engine could reach;
 - span-sweep: the kv-bound workload, smaller, at several span lengths L;
 - long-prompt: one prompt of 16k or 32k tokens per engine, each engine in its own process: time to
   first token and the peak memory of the process tree (`long_prompts`).
@@ -115,6 +117,19 @@ def kv_slots_per_request(record) -> dict | None:
     return {"tokens": last["kv_tokens"] / last["running"], "slots": last["kv_slots"] / last["running"]}
 
 
+def mean_kv_slots_per_request(record) -> float | None:
+    """The physical KV slots a running request held, averaged over the run's steps (sentinel only)."""
+    held = [s for s in record.samples if s["running"] and s["kv_slots"]]
+    return sum(s["kv_slots"] for s in held) / sum(s["running"] for s in held) if held else None
+
+
+def limit_workload(workload: Workload, mean_slots: float) -> Workload:
+    """Stock at the physical context sentinel held: the same requests, a prompt of half the mean
+    slots and an output as long as them, so a request's context averages the same over its decode."""
+    return Workload(f"{workload.name}-limit", workload.num_prompts, max(1, round(mean_slots / 2)),
+                    max(2, round(mean_slots)))
+
+
 def run_engine(model_dir: str, backend: str, workloads: list[Workload], prompts, settings: dict) -> list[dict]:
     """One engine, the given workloads one after another (they differ only in per-request options)."""
     from vllm import LLM, SamplingParams
@@ -135,6 +150,7 @@ def run_engine(model_dir: str, backend: str, workloads: list[Workload], prompts,
             record = run_workload(llm, prompts, params, progress=f"{workload.name} {backend}")
             runs.append({"backend": backend, "startup_s": startup, **record.summary(),
                          "kv_per_request": kv_slots_per_request(record),
+                         "mean_kv_slots_per_request": mean_kv_slots_per_request(record),
                          "kv_blocks_over_time": [(round(s["t"], 3), s["kv_blocks"], s["running"])
                                                  for s in record.samples]})
     finally:
@@ -163,6 +179,13 @@ def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=
                 continue
         runs[backend] = run_engine(model_dir, backend, workloads if backend == "sentinel" else workloads[:1], prompts,
                                    engine_settings)
+    limit = None
+    if first.name == "long-gen" and runs.get("sentinel") and runs["sentinel"][0]["mean_kv_slots_per_request"]:
+        # The most a compacting engine can reach on decode: stock attending to as many slots.
+        limit = limit_workload(first, runs["sentinel"][0]["mean_kv_slots_per_request"])
+        limit_prompts = random_prompts(limit.num_prompts, limit.input_len, config["vocab_size"], sentinel.sentinel_ids)
+        runs["stock-limit"] = run_engine(model_dir, "stock", [limit], limit_prompts,
+                                         engine_kwargs(limit, config, **settings))
     results = []
     for i, workload in enumerate(workloads):
         by_backend = {backend: run[i] for backend, run in runs.items() if i < len(run)}
@@ -172,6 +195,10 @@ def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=
             result["ratios"] = {key: by_backend["sentinel"][key] / by_backend["stock"][key] for key in keys}
         if "sentinel" in by_backend and "stock-ample" in by_backend:
             result["ratios_vs_ample"] = {key: by_backend["sentinel"][key] / by_backend["stock-ample"][key] for key in keys}
+        if limit is not None and i == 0:
+            sentinel_run, limit_run = by_backend["sentinel"], by_backend["stock-limit"]
+            result["limit"] = {"workload": asdict(limit), "mean_kv_slots": sentinel_run["mean_kv_slots_per_request"],
+                               "tpot_ratio": limit_run["tpot_ms_p50"] / sentinel_run["tpot_ms_p50"]}
         schedule = sentinel.schedule if not workload.span else replace(sentinel.schedule, span=workload.span)
         per_request = by_backend.get("sentinel", {}).get("kv_per_request")
         if per_request:
@@ -202,6 +229,11 @@ def format_result(result: dict) -> str:
         r = result["ratios_vs_ample"]
         lines.append(f"  sentinel (this pool) / stock (ample pool): {r['output_tokens_per_s']:.2f}x output tok/s, "
                      f"{r['total_tokens_per_s']:.2f}x total tok/s")
+    if "limit" in result:
+        lim = result["limit"]
+        lines.append(f"  the limit: stock attending to the {lim['mean_kv_slots']:.0f} slots sentinel held on average "
+                     f"({lim['workload']['input_len']} in x {lim['workload']['output_len']} out): stock TPOT / "
+                     f"sentinel TPOT = {lim['tpot_ratio']:.2f} (1.00: compaction costs nothing)")
     if "kv_slots_vs_ideal" in result:
         k = result["kv_slots_vs_ideal"]
         lines.append(f"  KV slots per request at {k['tokens']:.0f} tokens: {k['slots']:.1f} "
@@ -270,10 +302,12 @@ def plot(results: list[dict], sweep: list[dict], path: Path, title: str) -> None
 
 
 def bench(model_dir: str, out_dir: str | Path, workloads: list[str], quick: bool = False, dtype: str = "auto",
-          load_format: str = "auto", enforce_eager: bool = True, label: str | None = None) -> dict:
+          load_format: str = "auto", enforce_eager: bool = False, label: str | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager}
+    print(f"{Path(model_dir).name}: both engines {'eager (--enforce-eager)' if enforce_eager else 'compiled'}, "
+          f"dtype {dtype}", flush=True)
     table = QUICK if quick else WORKLOADS
     started = time.time()
     results, sweep = [], []
@@ -333,7 +367,7 @@ def _long_prompt_child(spec: dict) -> dict:
     # a pool of exactly one uncompressed request: the prompt and its output token fit stock too
     workload = Workload("long-prompt", 1, length, 16, kv_budget_requests=1.0)
     config = json.loads((Path(spec["model"]) / "config.json").read_text())
-    kwargs = engine_kwargs(workload, config, dtype="bfloat16", load_format="dummy", enforce_eager=True)
+    kwargs = engine_kwargs(workload, config, dtype="bfloat16", load_format="dummy", enforce_eager=spec["enforce_eager"])
     if spec["backend"] == "sentinel":
         kwargs["attention_backend"] = "sentinel"
     llm = LLM(model=spec["model"], **kwargs)
@@ -370,7 +404,7 @@ def _run_measuring_tree_rss(command: list[str]) -> tuple[int, str, str, float]:
         return proc.returncode, out.read(), err.read(), peak / (1 << 30)
 
 
-def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
+def long_prompts(out_dir: str | Path, quick: bool = False, enforce_eager: bool = False) -> list[dict]:
     """Stock and sentinel on single long prompts (default `max_num_batched_tokens`), each engine in
     its own process; a realistic-shape dummy model with room for 32k positions."""
     import sys
@@ -385,6 +419,7 @@ def long_prompts(out_dir: str | Path, quick: bool = False) -> list[dict]:
         row = {"length": length, "span": span}
         for backend in ("stock", "sentinel"):
             spec = {"backend": backend, "model": str(model), "length": length, "span": span,
+                    "enforce_eager": enforce_eager,
                     "vocab": config["vocab_size"], "avoid": avoid}
             code = ("import json, sys; from vllm_sentinel.bench.throughput import _long_prompt_child; "
                     "print('RESULT ' + json.dumps(_long_prompt_child(json.loads(sys.argv[1]))))")
