@@ -119,6 +119,12 @@ def test_a_small_quality_run(tmp_path):
             assert sum(a["queries"] for a in scores["by_place"].values()) == 9
             assert sum(a["queries"] for a in scores["by_bucket"].values()) == 9
     assert set(recall["gate"]["checks"]) and isinstance(recall["gate"]["passed"], bool)
+    # documents marked, questions raw: sentinel+W and local attention at the same keys per query
+    assert set(recall["marked"]) == set(recall["results"])
+    for row in recall["marked"].values():
+        assert set(row) == {"sentinel_window", "local"}
+        assert all(r["all"]["queries"] == sum(a["queries"] for a in r["by_place"].values()) == 9 for r in row.values())
+    assert "documents marked, questions raw" in format_report(report)
     # Every recall answer through vLLM is transformers' greedy answer, whatever the (untrained) model says.
     served = recall["vllm"]
     assert served["greedy_equal_to_transformers"] == served["verdicts_equal"] == served["queries"] == 9

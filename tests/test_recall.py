@@ -123,3 +123,21 @@ def test_query_rows_score_every_answer_token(tokenizer, prose):
     wrong = right.clone()
     wrong[q.answer_end - 2] += 1  # the last answer token
     assert not query_rows([doc], [wrong])[0]["hit"]
+
+
+def test_the_marked_layout_compresses_the_prose_only_and_local_keeps_as_many_keys(tokenizer, prose):
+    """"Documents compressed, question raw": spans only before the questions; local attention built
+    from the same spans sees exactly as many keys per real token as the sentinel stream."""
+    from vllm_sentinel.masks import build_stream
+    from vllm_sentinel.quality.recall import marked_spans
+    from vllm_sentinel.training.batching import build_example
+
+    schedule = ScheduleConfig(4, 8, 0, 8)
+    docs = RecallGenerator(prose, tokenizer, RecallConfig(length=256, facts=3, queries=2)).evaluation_set(2, seed=4)
+    for doc in docs:
+        spans = marked_spans(doc, schedule)
+        first_question = min(q.answer_start for q in doc.queries)
+        assert spans.numel() and doc.questions_start < first_question and int(spans[:, 1].max()) <= doc.questions_start
+        stream = build_stream(doc.ids, spans, 1, 2, window=schedule.window)
+        local = build_example(doc.ids, "local", spans, 1, 2, window=schedule.window)
+        assert torch.equal(stream.mask[stream.real_positions].sum(1), local.mask.sum(1))

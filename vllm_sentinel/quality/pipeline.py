@@ -19,7 +19,7 @@ from ..training.recall import RecallConfig, RecallGenerator
 from ..training.recipe import TrainConfig, load_base, train
 from .corpora import CORPORA, docs_windows, long_document_streams, stdlib_windows
 from .methods import LABELS, METHODS, REGIME, plan, spans_of
-from .recall import gate, plot_recall, predicted_tokens, score_recall, summarise_recall
+from .recall import gate, plot_recall, predicted_tokens, score_marked_recall, score_recall, summarise_recall
 from .scoring import (distant_targets, examples_for, greedy_continue, judge_perplexity, perplexity_of, rouge_l,
                       rouge_n, span_offsets, token_nll)
 
@@ -300,6 +300,10 @@ def vllm_recall_check(model_dir: Path, documents, schedule: ScheduleConfig, tran
 
 # -- the run -----------------------------------------------------------------------------------------
 
+# "Documents compressed, question raw" (marked regions) against a sliding window at the same KV.
+MARKED_METHODS = ("sentinel_window", "local")
+
+
 def run_quality(cfg: QualityConfig) -> dict:
     from .report import plot, verdicts
 
@@ -326,8 +330,9 @@ def run_quality(cfg: QualityConfig) -> dict:
     prompts = {c: continuation_prompts(windows[c], cfg.continuation_prompts, n) for c in CORPORA}
     documents = RecallGenerator(streams[1], tokenizer, cfg.recall_config).evaluation_set(cfg.recall_documents,
                                                                                          seed=cfg.seed + 1000)
-    raw, recall_rows = {}, {}
-    total = len(dirs) * (sum(len(w) for w in windows.values()) + len(documents))
+    raw, recall_rows, marked = {}, {}, {}
+    total = len(dirs) * (sum(len(w) for w in windows.values()) + len(documents)) + \
+        sum(method in MARKED_METHODS for method, _ in dirs) * len(documents)
     with tqdm(total=total, desc="score") as progress:
         for (method, ratio), model_dir in dirs.items():
             model, tokenizer = load_base(model_dir)
@@ -337,6 +342,10 @@ def run_quality(cfg: QualityConfig) -> dict:
                                                            prompts[corpus], cfg, progress)
             recall_rows[(method, ratio)] = score_recall(model, documents, REGIME[method], schedule,
                                                         sentinel_ids_of(tokenizer), cfg.eval_batch, cfg.seed, progress)
+            if method in MARKED_METHODS:  # the same documents marked, the questions raw, at equal keys per query
+                marked[(method, ratio)] = score_marked_recall(
+                    model, REGIME[method], documents, plans[ratio]["schedules"]["sentinel_window"],
+                    sentinel_ids_of(tokenizer), cfg.eval_batch, progress)
     ids = sentinel_ids_of(tokenizer)
     counts = kv_counts(plans, n, ids)
     recall = {"documents": {"documents": len(documents), "queries": sum(len(d.queries) for d in documents),
@@ -346,6 +355,8 @@ def run_quality(cfg: QualityConfig) -> dict:
                                                                 counts[ratio]["local"], plans[ratio]["schedules"][method], n)
                                        for method in METHODS} for ratio in cfg.ratios}}
     recall["gate"] = gate(recall["results"])
+    recall["marked"] = {str(ratio): {method: marked[(method, ratio)] for method in MARKED_METHODS}
+                        for ratio in cfg.ratios}
     judge, _ = load_base(dirs[("full", None)])
     results = {}
     for corpus in CORPORA:

@@ -14,9 +14,13 @@ spans leaves its key under one `<CR>` and its value under the next, and a `<CR>`
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from ..training.batching import collate
+from ..config import Regions
+from ..schedule import MarkedSpans
+from ..training.batching import build_example, collate
 from ..training.recall import RecallDocument
 from .methods import LABELS, METHODS, spans_of
 from .scoring import examples_for
@@ -83,6 +87,27 @@ def score_recall(model, documents: list[RecallDocument], regime: str, schedule, 
     examples = examples_for([d.ids for d in documents], regime, spans_of(schedule, n), sentinel_ids,
                             schedule.window if schedule else 0, seed=seed)
     return query_rows(documents, predicted_tokens(model, examples, sentinel_ids, batch_size, progress))
+
+
+def marked_spans(document: RecallDocument, schedule) -> torch.Tensor:
+    """The "documents compressed, question raw" layout: one marked region, the prose with its facts."""
+    n = document.ids.numel()
+    return MarkedSpans(schedule, Regions(((0, document.questions_start),), n)).spans(n)
+
+
+def score_marked_recall(model, regime: str, documents: list[RecallDocument], schedule, sentinel_ids: tuple[int, int],
+                        batch_size: int, progress=None) -> dict:
+    """Recall with the documents marked and the questions raw (semantics page, "Marked regions"):
+    sentinel compression of the marked region, or a baseline at the same keys per query (its mask
+    is built from the same spans). Accuracy overall and by the fact's place against local
+    attention's window in that layout."""
+    spans = [marked_spans(d, schedule) for d in documents]
+    local = [build_example(d.ids, "local", s, *sentinel_ids, window=schedule.window) for d, s in zip(documents, spans)]
+    places = [place(asdict(q), example.mask.sum(dim=1)) for d, example in zip(documents, local) for q in d.queries]
+    examples = local if regime == "local" else [
+        build_example(d.ids, regime, s, *sentinel_ids, window=schedule.window) for d, s in zip(documents, spans)]
+    rows = query_rows(documents, predicted_tokens(model, examples, sentinel_ids, batch_size, progress))
+    return {"all": accuracy(rows), "by_place": {p: accuracy([r for r, q in zip(rows, places) if q == p]) for p in PLACES}}
 
 
 def place(row: dict, local_keys: torch.Tensor) -> str:
@@ -178,6 +203,12 @@ def format_recall(recall: dict) -> list[str]:
         one, cut = row["sentinel_window"]["beyond_one_span"], row["sentinel_window"]["beyond_cut"]
         lines.append(f"    sentinel+W beyond the window: {_cell(one, 0).strip()} of {one['queries']} facts one span holds, "
                      f"{_cell(cut, 0).strip()} of {cut['queries']} cut between spans")
+    for ratio, row in recall.get("marked", {}).items():
+        lines.append(f"  documents marked, questions raw (ratio {ratio}'s schedule inside the prose, equal keys per "
+                     "query): " + "; ".join(
+                         f"{LABELS[m]} {_cell(r['all'], 0).strip()} (beyond local's window "
+                         f"{_cell(r['by_place']['beyond'], 0).strip()} of {r['by_place']['beyond']['queries']})"
+                         for m, r in row.items()))
     return lines
 
 

@@ -67,6 +67,7 @@ class RecallDocument:
     ids: torch.Tensor            # [length]
     kind: str
     queries: list[Query] = field(default_factory=list)
+    questions_start: int = 0     # where the queries begin: before it the prose with its facts (the "documents")
 
 
 class RecallGenerator:
@@ -139,7 +140,7 @@ class RecallGenerator:
             cursor = place
         pieces.append(prose[cursor:])
         offset += prose_len - cursor
-        queries = []
+        queries, questions_start = [], offset
         for which in asked:
             head, key_at, tail = sentences[which]
             answer_start = offset + len(head)
@@ -149,7 +150,7 @@ class RecallGenerator:
             offset += len(head) + len(tail)
         ids = torch.cat(pieces)
         assert ids.numel() == cfg.length
-        return RecallDocument(ids, kind, queries)
+        return RecallDocument(ids, kind, queries, questions_start)
 
     def draw(self, generator: torch.Generator) -> RecallDocument:
         kind = "passkey" if float(torch.rand((), generator=generator)) < self.cfg.passkey_share else "multi"
