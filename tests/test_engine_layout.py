@@ -157,6 +157,22 @@ def test_step_plan_concatenates_chunks_and_points_logits_at_real_tokens():
     assert plan.num_sentinel_tokens == 3 and plan.cl_positions.tolist() == [0, 3, 0]
 
 
+def assert_step_plan_is_its_chunk_plans(layouts, computed, num_real) -> None:
+    """One step's plan (vectorised, or per chunk for marked requests) is its requests' chunk plans, joined."""
+    plan = StepPlan.build(layouts, computed, num_real)
+    chunks = [plan_chunk(layout, c, k) for layout, c, k in zip(layouts, computed, num_real)]
+    assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
+    assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
+    assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
+    assert np.diff(plan.query_start).tolist() == [ch.num_tokens for ch in chunks]
+    assert plan.cached_len.tolist() == [ch.cached_len for ch in chunks]
+    assert plan.num_closings.tolist() == [ch.num_closings for ch in chunks]
+    assert plan.cl_positions.tolist() == np.concatenate([ch.cl_positions for ch in chunks]).tolist()
+    assert (plan.logits_rows - plan.query_start[:-1]).tolist() == [ch.last_real for ch in chunks]
+    assert [layout.num_tokens_with_sentinels(c, k) for layout, c, k in zip(layouts, computed, num_real)] == \
+        [ch.num_tokens for ch in chunks]
+
+
 def test_the_vectorised_step_plan_equals_the_chunk_plans_it_batches():
     rng = np.random.default_rng(1)
     for _ in range(30):
@@ -165,18 +181,7 @@ def test_the_vectorised_step_plan_equals_the_chunk_plans_it_batches():
             layouts.append(KVLayout(None if rng.random() < 0.2 else LAYOUTS[rng.integers(len(LAYOUTS))]))
             computed.append(int(rng.integers(0, 300)))
             num_real.append(int(rng.choice([1, 1, 1, rng.integers(1, 200)])))
-        plan = StepPlan.build(layouts, computed, num_real)
-        chunks = [plan_chunk(layout, c, k) for layout, c, k in zip(layouts, computed, num_real)]
-        assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
-        assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
-        assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
-        assert np.diff(plan.query_start).tolist() == [ch.num_tokens for ch in chunks]
-        assert plan.cached_len.tolist() == [ch.cached_len for ch in chunks]
-        assert plan.num_closings.tolist() == [ch.num_closings for ch in chunks]
-        assert plan.cl_positions.tolist() == np.concatenate([ch.cl_positions for ch in chunks]).tolist()
-        assert (plan.logits_rows - plan.query_start[:-1]).tolist() == [ch.last_real for ch in chunks]
-        assert [layout.num_tokens_with_sentinels(c, k) for layout, c, k in zip(layouts, computed, num_real)] == \
-            [ch.num_tokens for ch in chunks]
+        assert_step_plan_is_its_chunk_plans(layouts, computed, num_real)
 
 
 # -- the recent window (W > 0): lazy compaction and moves ------------------------------------------
@@ -295,11 +300,7 @@ def test_windowed_physical_len_peaks_and_the_step_plan(schedule):
     layouts = [layout, KVLayout(None), KVLayout(ScheduleConfig(2, 8, 3))] * 3
     computed = rng.integers(0, 300, size=len(layouts)).tolist()
     num_real = rng.integers(1, 120, size=len(layouts)).tolist()
-    plan = StepPlan.build(layouts, computed, num_real)
-    chunks = [plan_chunk(lay, c, k) for lay, c, k in zip(layouts, computed, num_real)]
-    assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
-    assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
-    assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
+    assert_step_plan_is_its_chunk_plans(layouts, computed, num_real)
 
 
 # Marked regions (semantics page, "Marked regions"): spans only inside a prompt's regions, and with
@@ -344,12 +345,7 @@ def test_a_step_mixing_marked_schedule_only_and_uncompressed_requests_is_their_c
                KVLayout(ScheduleConfig(4, 16, 0), Regions(((0, 64),), 100))] * 2
     computed = rng.integers(0, 250, size=len(layouts)).tolist()
     num_real = rng.integers(1, 120, size=len(layouts)).tolist()
-    plan = StepPlan.build(layouts, computed, num_real)
-    chunks = [plan_chunk(lay, c, k) for lay, c, k in zip(layouts, computed, num_real)]
-    assert plan.kinds.tolist() == np.concatenate([ch.kinds for ch in chunks]).tolist()
-    assert plan.positions.tolist() == np.concatenate([ch.positions for ch in chunks]).tolist()
-    assert plan.physical_slots.tolist() == np.concatenate([ch.slots for ch in chunks]).tolist()
-    assert plan.num_closings.tolist() == [ch.num_closings for ch in chunks]
+    assert_step_plan_is_its_chunk_plans(layouts, computed, num_real)
 
 
 @pytest.mark.parametrize("bad, problem", [

@@ -20,10 +20,10 @@ import torch
 
 from ..config import Regions
 from ..schedule import MarkedSpans
-from ..training.batching import build_example, collate
+from ..training.batching import build_example
 from ..training.recall import RecallDocument
 from .methods import LABELS, METHODS, spans_of
-from .scoring import examples_for
+from .scoring import examples_for, masked_logits
 
 BUCKETS = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 PLACES = ("inside", "partly", "beyond")
@@ -51,21 +51,13 @@ def bucket_of(distance: int, length: int) -> str:
 @torch.no_grad()
 def predicted_tokens(model, examples, sentinel_ids: tuple[int, int], batch_size: int, progress=None) -> list[torch.Tensor]:
     """Per example `[n]`: the argmax next token after each real token, sentinels banned."""
-    model.eval()
     out = []
-    for first in range(0, len(examples), batch_size):
-        part = examples[first: first + batch_size]
-        batch = collate(part, pad_id=0, dtype=model.dtype)
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       attention_mask=batch.attention_mask, use_cache=False).logits
-        logits[..., list(sentinel_ids)] = float("-inf")
+    for part, _, logits in masked_logits(model, examples, batch_size, sentinel_ids, progress):
         best = logits.argmax(-1)
         for row, example in enumerate(part):
             ids = example.input_ids
             real = ((ids != sentinel_ids[0]) & (ids != sentinel_ids[1])).nonzero().squeeze(1)
             out.append(best[row, real])
-        if progress is not None:
-            progress.update(len(part))
     return out
 
 

@@ -28,13 +28,10 @@ def examples_for(windows: list[torch.Tensor], regime: str, spans: torch.Tensor, 
 
 
 @torch.no_grad()
-def token_nll(model, examples, batch_size: int = 4, progress=None, banned_ids: tuple[int, ...] = ()) -> torch.Tensor:
-    """`[len(examples), n - 1]` NLL of each real token's next real token, in real-token order.
-
-    `banned_ids` (the sentinels) are masked out of the logits first, as the engine masks them: a
-    sentinel is never a target nor sampled, so the distribution is over real tokens only."""
+def masked_logits(model, examples, batch_size: int, banned_ids: tuple[int, ...] = (), progress=None):
+    """Per batch of `examples`: (those examples, their collated batch, fp32 logits), `banned_ids`
+    (the sentinels) at -inf, as the engine masks them: a sentinel is never a target nor sampled."""
     model.eval()
-    rows = []
     for first in range(0, len(examples), batch_size):
         part = examples[first: first + batch_size]
         batch = collate(part, pad_id=0, dtype=model.dtype)
@@ -42,12 +39,21 @@ def token_nll(model, examples, batch_size: int = 4, progress=None, banned_ids: t
                        attention_mask=batch.attention_mask, use_cache=False).logits.float()
         if banned_ids:
             logits[..., list(banned_ids)] = float("-inf")
+        yield part, batch, logits
+        if progress is not None:
+            progress.update(len(part))
+
+
+@torch.no_grad()
+def token_nll(model, examples, batch_size: int = 4, progress=None, banned_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """`[len(examples), n - 1]` NLL of each real token's next real token, in real-token order, over
+    real tokens only (`banned_ids`: the sentinels)."""
+    rows = []
+    for part, batch, logits in masked_logits(model, examples, batch_size, banned_ids, progress):
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
                                                 ignore_index=IGNORE_INDEX, reduction="none").view(batch.labels.shape)
         for row in range(len(part)):
             rows.append(nll[row][batch.labels[row] != IGNORE_INDEX])  # real order; the last real token has none
-        if progress is not None:
-            progress.update(len(part))
     return torch.stack(rows)
 
 
