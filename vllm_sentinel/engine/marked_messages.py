@@ -104,8 +104,7 @@ def marked_chat(tokenizer, messages, **template_kwargs) -> tuple[list[int], list
     """(prompt token ids, regions) for a conversation whose marked messages are to be compressed,
     offline: `LLM.generate({"prompt_token_ids": ids}, SamplingParams(extra_args={"sentinel":
     {"regions": regions}}))`."""
-    plain = [{k: v for k, v in m.items() if k != MARK_KEY} for m in messages]
-    rendered = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    rendered = tokenizer.apply_chat_template(strip_marks(messages), tokenize=False, add_generation_prompt=True, **template_kwargs)
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     return ids, regions_of(messages, rendered, ids, tokenizer)
 
