@@ -76,6 +76,23 @@ def test_physical_len_is_the_next_tokens_visible_set(schedule):
     assert all(p <= s + 1 for p, s in zip(lengths, steady))  # the semantics page's steady-state size
 
 
+def assert_kernel_rows_see_the_uncompacted_cache(layout, chunk, seen, block_size: int) -> None:
+    """The chunk's tokens before its first <CR> see every cached slot and the chunk causally: what
+    the wrapped kernel computes when they are stored after p(c) and the compaction waits. The
+    step's allocation holds those slots, and the request's block bound covers it."""
+    c, k, cached, first = chunk.computed, chunk.num_real, chunk.cached_len, chunk.kernel_len
+    assert (chunk.kinds[:first] == REAL).all() and (first == chunk.num_tokens) == chunk.is_plain
+    assert bool(seen[:first, :cached].all())
+    assert torch.equal(seen[:first, cached: cached + first], torch.ones(first, first).tril().bool())
+    assert not seen[:first, cached + first:].any()
+    step = layout.step_len(c, c + k)
+    assert step >= max(cached + first, layout.physical_len(c + k))
+    if chunk.is_plain:
+        assert step == layout.physical_len(c + k)
+    assert cdiv(max(cached, step), block_size) <= layout.max_blocks(c + k, block_size)
+    assert layout.peak_step_len(c + k) >= step
+
+
 def simulate(schedule, n: int, chunk_sizes, block_size: int = 16):
     """Run the plans chunk by chunk over a fake cache and check every invariant on the way."""
     layout = KVLayout(schedule)
@@ -99,6 +116,7 @@ def simulate(schedule, n: int, chunk_sizes, block_size: int = 16):
 
         seen = chunk.visibility()
         assert_stable_prefix(chunk, seen)
+        assert_kernel_rows_see_the_uncompacted_cache(layout, chunk, seen, block_size)
         for i, query in enumerate(where):
             got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
             got |= {where[j] for j in np.flatnonzero(seen[i, cached:].numpy())}
@@ -169,6 +187,7 @@ def assert_step_plan_is_its_chunk_plans(layouts, computed, num_real) -> None:
     assert plan.num_closings.tolist() == [ch.num_closings for ch in chunks]
     assert plan.cl_positions.tolist() == np.concatenate([ch.cl_positions for ch in chunks]).tolist()
     assert (plan.logits_rows - plan.query_start[:-1]).tolist() == [ch.last_real for ch in chunks]
+    assert plan.kernel_len.tolist() == [ch.kernel_len for ch in chunks]
     assert [layout.num_tokens_with_sentinels(c, k) for layout, c, k in zip(layouts, computed, num_real)] == \
         [ch.num_tokens for ch in chunks]
 
@@ -258,6 +277,7 @@ def simulate_window(schedule, n: int, chunk_sizes, block_size: int = 16, regions
         produced += ids
         seen = chunk.visibility()
         assert_stable_prefix(chunk, seen)
+        assert_kernel_rows_see_the_uncompacted_cache(layout, chunk, seen, block_size)
         for i, token in enumerate(ids):
             got = {cache[j] for j in np.flatnonzero(seen[i, :cached].numpy())}
             got |= {ids[j] for j in np.flatnonzero(seen[i, cached:].numpy())}
@@ -400,3 +420,29 @@ def test_regions_parse_from_numpy_arrays_as_ray_data_hands_them_on():
     nested = np.array([np.array([0, 10]), np.array([20, 30])], dtype=object)
     assert Regions.parse(nested, 40).ranges == Regions.parse(np.array([[0, 10], [20, 30]]), 40).ranges == ((0, 10), (20, 30))
     assert Regions.parse(np.array([], dtype=np.int64), 40).ranges == ()
+
+
+def test_a_compacting_decode_step_needs_no_plan():
+    """`closing_decode` (the backend's path for one-token chunks that compact) gives what planning
+    the chunk gives: the stable length, the `<CR>`'s piece (rows, keys, visibility) and the moves,
+    for every such step of periodic, windowed and marked layouts."""
+    from vllm_sentinel.engine.backend import closing_decode, segments
+
+    layouts = [KVLayout(s) for s in LAYOUTS] + [KVLayout(ScheduleConfig(s.sink, s.span, s.gap, s.window))
+                                                for s in WINDOWED]
+    layouts += [KVLayout(ScheduleConfig(2, 8, 3, 5), marked(ranges, output)) for ranges, output in MARKINGS]
+    checked = 0
+    for layout in layouts:
+        for c in range(300):
+            chunk = plan_chunk(layout, c, 1)
+            if chunk.is_plain:
+                continue
+            args = (7, 11, 40, 20, 99)  # first row, volatile offset, fresh offset, start, <CL> offset
+            stable, piece, move_from, move_to = closing_decode(layout, c, *args)
+            [want] = segments(chunk, *args)
+            assert stable == chunk.stable_len and chunk.kernel_len == 1
+            assert torch.equal(piece.query_rows, want.query_rows) and torch.equal(piece.keys, want.keys)
+            assert torch.equal(piece.visible, want.visible)
+            assert move_from.tolist() == chunk.move_from.tolist() and move_to.tolist() == chunk.move_to.tolist()
+            checked += 1
+    assert checked > 500

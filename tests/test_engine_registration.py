@@ -91,3 +91,36 @@ def test_the_kv_reader_learns_the_kernels_layout_and_reads_back_what_it_wrote(dt
     untouched[slots[:4]] = False
     rest_k, rest_v = reader.read(cache, untouched.nonzero().squeeze(1))
     assert not rest_k.any() and not rest_v.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_strided_reads_equal_the_element_index_reads(dtype):
+    """The kernel's block layout read as a strided view gives what the learned element index gives
+    (slots in any order and repeated, whole blocks), and a layout that is no radix split falls back."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_sentinel.engine.backend import PagedKVReader, StridedBlockLayout
+
+    block_size, heads, head_size = 32, 2, 64
+    isa = _get_attn_isa(dtype, block_size, head_size)
+
+    def write(key, value, cache, slots):
+        view = cache.view(cache.shape[0], heads, block_size * 2, head_size)
+        key_cache, value_cache = view.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    block_shape = (heads, block_size, 2 * head_size)
+    reader = PagedKVReader(write, block_shape, dtype, block_size, heads, head_size)
+    assert reader.k_layout is not None and reader.v_layout is not None, "the CPU kernel's layout is a radix split"
+    cache = torch.randn(6, *block_shape).to(dtype)
+    slots = torch.tensor([5, 70, 3, 191, 32, 5, 0, 100])
+    blocks = torch.tensor([4, 0, 2])
+    strided = reader.read(cache, slots), reader.read_blocks(cache, blocks)
+    reader.k_layout = reader.v_layout = None  # the element-index path
+    gathered = reader.read(cache, slots), reader.read_blocks(cache, blocks)
+    for got, want in zip(strided, gathered):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    shuffled = torch.randperm(block_size * heads * head_size, generator=torch.Generator().manual_seed(0))
+    assert StridedBlockLayout.of(shuffled.view(block_size, heads, head_size)) is None

@@ -103,29 +103,32 @@ def test_windowed_blocks_stay_within_the_bound_and_preemption_changes_nothing(en
     assert outputs == {str(i): list(out.outputs[0].token_ids) for i, out in enumerate(reference)}
 
 
-def test_masked_rows_skip_the_kernel_and_tiny_tiles_change_nothing(engines, oracle, monkeypatch):
-    """Each token row is attended exactly once, by the kernel (plain requests) or the masked path;
-    with the score budget at its minimum (one block per tile, one piece per group) the results are
-    still the oracle's: tiling and grouping are bookkeeping, not approximations."""
+def test_each_row_is_attended_once_and_tiny_tiles_change_nothing(engines, oracle, monkeypatch):
+    """Each token row is attended exactly once: by the kernel (plain chunks, and a compacting
+    chunk's tokens before its first <CR>) or by the masked path (the rest of that chunk); with the
+    score budget at its minimum (one block per tile, one piece per group) the results are still the
+    oracle's: tiling and grouping are bookkeeping, not approximations."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
     from vllm_sentinel.engine import backend
 
     monkeypatch.setattr(backend, "SCORE_BUDGET", 1)
-    kernel_rows, seen = [], []
+    kernel_calls, seen = [], []
     kernel_forward, sentinel_forward = CPUAttentionBackendImpl.forward, backend.SentinelAttentionImpl.forward
 
     def kernel(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs):
-        kernel_rows.append(meta.num_actual_tokens)
+        kernel_calls.append(meta.num_actual_tokens)
         return kernel_forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
 
     def sentinel(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs):
-        kernel_rows.clear()
+        kernel_calls.clear()
         result = sentinel_forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
         if meta is not None:
-            masked = meta.masked_rows.tolist()
-            plain = meta.plain_rows.tolist() if meta.plain_rows is not None else []
-            seen.append((sum(kernel_rows), len(masked), meta.num_actual_tokens, bool(set(masked) & set(plain))))
+            masked = set(meta.masked_rows.tolist())
+            kernel = set(meta.kernel_rows.tolist()) if meta.kernel_rows is not None else set(range(meta.num_actual_tokens))
+            compacting = set(meta.final_rows.tolist())
+            seen.append((sum(kernel_calls), len(kernel), len(masked), meta.num_actual_tokens, bool(masked & kernel),
+                         len(kernel & compacting)))
         return result
 
     monkeypatch.setattr(CPUAttentionBackendImpl, "forward", kernel)
@@ -136,9 +139,9 @@ def test_masked_rows_skip_the_kernel_and_tiny_tiles_change_nothing(engines, orac
                                           [params(s, max_tokens=40) for s in schedules], use_tqdm=False)
     assert max(oracle.check(p, out, ScheduleConfig(*s)) for p, out, s in zip(batch, outputs, schedules)) \
         < LOGPROB_TOLERANCE
-    mixed = [(k, m, n) for k, m, n, overlap in seen if m and k]
-    assert mixed, "no step mixed plain and masked requests"
-    assert all(k + m == n and not overlap for k, m, n, overlap in seen)
+    assert all(calls == k and k + m == n and not overlap for calls, k, m, n, overlap, _ in seen)
+    assert any(m and k > shared for _, k, m, _, _, shared in seen), "no step mixed plain and compacting chunks"
+    assert any(shared for *_, shared in seen), "no compacting chunk had tokens before its <CR> on the kernel"
 
 
 def test_a_llama_gets_its_cl_from_rotated_constants_not_a_forward_per_step(engines):

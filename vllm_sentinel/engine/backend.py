@@ -115,17 +115,19 @@ VISIBILITY_ROWS = 256
 
 def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
              cl_offset: int) -> list[Segment]:
-    """A masked chunk cut after each `<CR>`. Every token of a piece sees the stable prefix (attended
-    apart), the volatile tail and its own piece only, so gathering each piece's visible keys keeps
-    the work near the true visible set, instead of the chunk's full square.
+    """The masked rows of a chunk (from its first `<CR>` on; the kernel attends the tokens before
+    it), cut after each `<CR>`. Every token of a piece sees the stable prefix (attended apart), the
+    volatile tail and its own piece only, so gathering each piece's visible keys keeps the work near
+    the true visible set, instead of the chunk's full square.
 
-    `first_row`: the chunk's first row among the step's masked rows; `start`: its first row in the
-    batch (where its keys sit among this step's tokens); `cl_offset`: where the bank holds the
-    `<CL>` key of its first `<CR>` (each `<CR>` closes a piece and sees its `<CL>`, a constant)."""
+    `first_row`: the chunk's first masked row among the step's masked rows; `start`: its first row
+    in the batch (where its keys sit among this step's tokens); `cl_offset`: where the bank holds
+    the `<CL>` key of its first `<CR>` (each `<CR>` closes a piece and sees its `<CL>`, a constant)."""
     stable = chunk.stable_len
     volatile = chunk.cached_len - stable
+    skip = chunk.kernel_len
     ends = (torch.from_numpy(chunk.kinds) == CR).nonzero().squeeze(1) + 1
-    bounds = [0, *ends.tolist()] + ([chunk.num_tokens] if not ends.numel() or ends[-1] < chunk.num_tokens else [])
+    bounds = [skip, *ends.tolist()] + ([chunk.num_tokens] if ends[-1] < chunk.num_tokens else [])  # ends[0] = skip + 1
     pieces = []
     block, block_rows = None, (0, 0)
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -142,8 +144,27 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
             cl_column[-1] = True
             visible = torch.cat([visible, cl_column], dim=1)
             cl_offset += 1
-        pieces.append(Segment(torch.arange(first_row + a, first_row + b), keys, visible))
+        pieces.append(Segment(torch.arange(first_row + a - skip, first_row + b - skip), keys, visible))
     return pieces
+
+
+def closing_decode(layout, computed: int, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
+                   cl_offset: int) -> tuple[int, Segment, np.ndarray, np.ndarray]:
+    """A one-token chunk [t, <CR>] that compacts span m (most steps that compact: decode), without
+    planning it: (stable length, its `segments`, moves from, moves to), what `plan_chunk`,
+    `segments` and `KVLayout.moves` give (tested). t is attended by the kernel; the `<CR>` sees its
+    span, itself and its `<CL>`. The span lies raw at the volatile tail's front: all L tokens
+    cached if W > 0; with W = 0 t is its last token, the L - 1 before it cached. The raw tokens
+    cached after the span move left by the L - 1 slots it gives back."""
+    span, window = layout.span, layout.window
+    stable = layout.base(layout.num_closed(computed))
+    cached = layout.physical_len(computed)
+    in_cache = span if window else span - 1
+    keys = np.concatenate([volatile_offset + np.arange(in_cache), [] if window else [fresh_offset + start],
+                           [fresh_offset + start + 1, cl_offset]]).astype(np.int64)
+    piece = Segment(torch.tensor([first_row]), torch.from_numpy(keys), torch.ones((1, keys.size), dtype=torch.bool))
+    moved = np.arange(stable + span, cached, dtype=np.int64) if window else np.zeros(0, dtype=np.int64)
+    return stable, piece, moved, moved - (span - 1)
 
 
 @dataclass
@@ -170,9 +191,10 @@ def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
     return MaskedGroup(query_rows.to(device), keys.to(device), visible.to(device))
 
 
-def token_rows(query_start: np.ndarray, requests) -> torch.Tensor:
-    """Batch rows of the given requests' tokens, in order."""
-    return torch.from_numpy(np.concatenate([np.arange(query_start[r], query_start[r + 1]) for r in requests]))
+def token_rows(query_start: np.ndarray, requests, lengths: np.ndarray | None = None) -> torch.Tensor:
+    """Batch rows of the given requests' tokens (the first `lengths[r]` of each, if given), in order."""
+    ends = query_start[1:] if lengths is None else query_start[:-1] + lengths
+    return torch.from_numpy(np.concatenate([np.arange(query_start[r], ends[r]) for r in requests]))
 
 
 @dataclass
@@ -202,10 +224,12 @@ def pad_stable_group(prefixes: list[tuple[torch.Tensor, torch.Tensor, int]], spa
 @dataclass
 class SentinelAttentionMetadata:
     num_actual_tokens: int
-    slot_mapping: torch.Tensor            # [N] cache slot of every token, -1 where nothing is stored
-    kernel: CPUAttentionMetadata | None   # the wrapped kernel's metadata for the plain requests (None: there are none)
-    plain_rows: torch.Tensor | None       # [P] batch rows of plain requests when masked ones share the step, else None
-    masked_rows: torch.Tensor             # [M] batch rows of requests whose chunk compacts a span
+    slot_mapping: torch.Tensor            # [N] cache slot of every token after the step, -1 where nothing is stored
+    kernel_slots: torch.Tensor | None     # [N] where the kernel's tokens are written before it runs (None: slot_mapping)
+    kernel: CPUAttentionMetadata          # the wrapped kernel's metadata for the tokens it attends
+    kernel_rows: torch.Tensor | None      # [P] their batch rows when masked rows share the step, else None (all)
+    masked_rows: torch.Tensor             # [M] batch rows from the first <CR> on of chunks that compact a span
+    final_rows: torch.Tensor              # [F] all batch rows of those chunks: written after the kernel
     volatile_slots: torch.Tensor          # [C] cache slots of their volatile tails: the key bank's front
     stable: list[StablePrefixGroup]       # masked requests with a stable prefix, in padded groups
     masked: list[MaskedGroup]             # pieces of the masked chunks, against the volatile tails and chunk
@@ -233,51 +257,70 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         masked_requests = plan.masked_rows if plan is not None else []
         if not masked_requests:  # dummy runs, and every step in which no span is compacted
             nothing = cm.slot_mapping[:0]
-            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping,
+            return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, None,
                                              super().build(common_prefix_len, cm, fast_build), None,
-                                             nothing, nothing, [], [], nothing, nothing)
+                                             nothing, nothing, nothing, [], [], nothing, nothing)
         assert cm.num_reqs == len(plan.layouts), "the step plan and the batch disagree"
         device = cm.block_table_tensor.device
         starts = plan.query_start
-        plain_requests = np.flatnonzero(plan.num_closings == 0)
-        kernel, plain_rows = None, None
-        if plain_requests.size:
-            plain_rows = token_rows(starts, plain_requests)
-            kernel = super().build(common_prefix_len, self._subset(cm, plain_requests, plain_rows), fast_build)
-            plain_rows = plain_rows.to(device)
-
         table = cm.block_table_tensor.long().cpu()
         bs = self.block_size
-        chunks = {row: plan.chunk(row) for row in masked_requests}
+
+        # The kernel takes every request's tokens before its first <CR> (a plain chunk whole). Those
+        # of a compacting chunk are written after p(c) first, where the uncompacted cache continues
+        # (the step allocated those slots: KVLayout.step_len); the compaction's writes follow.
+        kernel_rows = token_rows(starts, range(len(plan.layouts)), plan.kernel_len)
+        masked_rows = torch.from_numpy(np.concatenate([np.arange(starts[r] + plan.kernel_len[r], starts[r + 1])
+                                                       for r in masked_requests]))
+        final_rows = token_rows(starts, masked_requests)
+        kernel_slots = cm.slot_mapping.clone()
+        kernel_slots[final_rows.to(kernel_slots.device)] = -1
+        for row in masked_requests:
+            pre = torch.arange(plan.cached_len[row], plan.cached_len[row] + plan.kernel_len[row])
+            kernel_slots[int(starts[row]): int(starts[row]) + pre.numel()] = (table[row, pre // bs] * bs + pre % bs).to(
+                kernel_slots.device)
+        kernel = super().build(common_prefix_len, self._kernel_view(cm, plan.kernel_len, kernel_rows), fast_build)
+
+        # One-token chunks need no plan (`closing_decode`); longer ones get theirs.
+        chunks = {row: plan.chunk(row) for row in masked_requests if plan.num_real[row] > 1}
+        stable_lens = {row: chunks[row].stable_len if row in chunks else
+                       plan.layouts[row].base(plan.layouts[row].num_closed(int(plan.computed[row])))
+                       for row in masked_requests}
         volatile_slots, move_rows, move_slots, stable, pieces = [], [], [], [], []
-        num_volatile = sum(chunks[row].cached_len - chunks[row].stable_len for row in masked_requests)
+        num_volatile = sum(int(plan.cached_len[row]) - stable_lens[row] for row in masked_requests)
         cl_first = np.cumsum(plan.num_closings) - plan.num_closings  # each request's first <CR> in batch order
         offset, first_row = 0, 0
         for row in masked_requests:
-            chunk = chunks[row]
-            stable_len = chunk.stable_len
-            tail = torch.arange(stable_len, chunk.cached_len)
+            stable_len, cached_len, start = stable_lens[row], int(plan.cached_len[row]), int(starts[row])
+            cl_offset = num_volatile + cm.num_actual_tokens + int(cl_first[row])
+            tail = torch.arange(stable_len, cached_len)
             volatile_slots.append(table[row, tail // bs] * bs + tail % bs)
-            if stable_len:
-                real = torch.from_numpy(np.flatnonzero(chunk.kinds == REAL))
-                stable.append((first_row + real, table[row, :cdiv(stable_len, bs)], stable_len))
-            pieces += segments(chunk, first_row, offset, num_volatile, int(starts[row]),
-                               num_volatile + cm.num_actual_tokens + int(cl_first[row]))
-            if chunk.move_from.size:
-                move_rows.append(offset + torch.from_numpy(chunk.move_from) - stable_len)
-                target = torch.from_numpy(chunk.move_to)
+            chunk = chunks.get(row)
+            if chunk is None:
+                _, piece, move_from, move_to = closing_decode(plan.layouts[row], int(plan.computed[row]), first_row,
+                                                              offset, num_volatile, start, cl_offset)
+                pieces.append(piece)
+            else:
+                real = np.flatnonzero(chunk.kinds[chunk.kernel_len:] == REAL)  # real tokens after the first <CR>
+                if stable_len and real.size:
+                    stable.append((first_row + torch.from_numpy(real), table[row, :cdiv(stable_len, bs)], stable_len))
+                pieces += segments(chunk, first_row, offset, num_volatile, start, cl_offset)
+                move_from, move_to = chunk.move_from, chunk.move_to
+            if move_from.size:
+                move_rows.append(offset + torch.from_numpy(move_from) - stable_len)
+                target = torch.from_numpy(move_to)
                 move_slots.append(table[row, target // bs] * bs + target % bs)
-            offset += chunk.cached_len - stable_len
-            first_row += chunk.num_tokens
-        masked_rows = token_rows(starts, masked_requests)
+            offset += cached_len - stable_len
+            first_row += int(plan.query_start[row + 1] - starts[row] - plan.kernel_len[row])
         spare = masked_rows.numel()  # the accumulators' extra row, where padding rows land
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)
         stable_groups = group_by_size([(rows.numel(), length) for rows, _, length in stable],
                                       max_padded=SCORE_BUDGET // self.num_heads)
         none = torch.zeros(0, dtype=torch.long)
-        return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel, plain_rows,
-                                         masked_rows.to(device), torch.cat(volatile_slots).to(device),
+        return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel_slots, kernel,
+                                         kernel_rows.to(device), masked_rows.to(device), final_rows.to(device),
+                                         torch.cat(volatile_slots).to(device),
                                          [pad_stable_group([stable[i] for i in group], spare, device)
                                           for group in stable_groups],
                                          [pad_group([pieces[i] for i in group], spare, device) for group in groups],
@@ -286,17 +329,14 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                                          self.step.cl_keys, self.step.cl_values)
 
     @staticmethod
-    def _subset(cm, requests: np.ndarray, rows: torch.Tensor):
-        """`cm` for some of its requests, their tokens renumbered from 0 (for the kernel's metadata)."""
-        index = torch.from_numpy(requests)
-        query_lens = cm.query_start_loc_cpu[1:][index] - cm.query_start_loc_cpu[:-1][index]
-        query_start = torch.zeros(len(requests) + 1, dtype=cm.query_start_loc_cpu.dtype)
+    def _kernel_view(cm, kernel_len: np.ndarray, rows: torch.Tensor):
+        """`cm` for the kernel's tokens only (`kernel_len` of each request), renumbered from 0; the
+        model runner set each request's sequence length to its cache and those tokens."""
+        query_lens = torch.from_numpy(kernel_len).to(cm.query_start_loc_cpu.dtype)
+        query_start = torch.zeros(len(kernel_len) + 1, dtype=cm.query_start_loc_cpu.dtype)
         torch.cumsum(query_lens, 0, out=query_start[1:])
-        seq_lens = cm.seq_lens[index.to(cm.seq_lens.device)]
-        return replace(cm, num_reqs=len(requests), num_actual_tokens=rows.numel(), max_query_len=int(query_lens.max()),
-                       max_seq_len=int(seq_lens.max()), query_start_loc=query_start.to(cm.query_start_loc.device),
-                       query_start_loc_cpu=query_start, seq_lens=seq_lens,
-                       block_table_tensor=cm.block_table_tensor[index.to(cm.block_table_tensor.device)],
+        return replace(cm, num_actual_tokens=rows.numel(), max_query_len=int(query_lens.max()),
+                       query_start_loc=query_start.to(cm.query_start_loc.device), query_start_loc_cpu=query_start,
                        slot_mapping=cm.slot_mapping[rows.to(cm.slot_mapping.device)])
 
 
@@ -306,6 +346,12 @@ class PagedKVReader:
     The layout is learned once by writing a known pattern through the kernel's own cache writer
     into a one-block scratch cache: each written element's (slot offset, head, dim) is recovered
     from small integers (exact in every float dtype), digit by digit.
+
+    Kernels tile their blocks (AMX packs pairs of dims and tiles of 16 slots), but each tiling is
+    a mixed-radix split of the slot, head and dim axes with a stride per digit, so the cache *is*
+    a strided view in (block, slot, head, dim) coordinates (`StridedBlockLayout`): reads index
+    that view by block and slot, no index as large as the data. A layout that is no such split
+    is read through the learned element index instead.
     """
 
     def __init__(self, write, block_shape: tuple[int, ...], dtype: torch.dtype, block_size: int,
@@ -313,6 +359,8 @@ class PagedKVReader:
         self.block_size = block_size
         self.k_index = self._probe(write, block_shape, dtype, block_size, num_kv_heads, head_size, keys=True)
         self.v_index = self._probe(write, block_shape, dtype, block_size, num_kv_heads, head_size, keys=False)
+        self.k_layout = StridedBlockLayout.of(self.k_index)
+        self.v_layout = StridedBlockLayout.of(self.v_index)
 
     @staticmethod
     def _probe(write, block_shape, dtype, block_size, num_kv_heads, head_size, keys: bool) -> torch.Tensor:
@@ -340,21 +388,86 @@ class PagedKVReader:
 
     def read(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of `slots` as `[n, num_kv_heads, head_size]` each."""
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        if self.k_layout is not None and self.v_layout is not None:
+            # Whole blocks are cheaper than scattered slots (a slot's head dims lie in pieces
+            # across a tiled block): read each block touched once, then pick the slots.
+            touched, which = torch.unique(blocks, return_inverse=True)
+            rows = which * self.block_size + offsets
+            return (self.k_layout.read_blocks(kv_cache, touched)[rows],
+                    self.v_layout.read_blocks(kv_cache, touched)[rows])
         flat = kv_cache.view(kv_cache.shape[0], -1)
-        blocks = (slots // self.block_size).unsqueeze(1).unsqueeze(2)
-        offsets = slots % self.block_size
-        keys = flat[blocks, self.k_index.to(slots.device)[offsets]]
-        values = flat[blocks, self.v_index.to(slots.device)[offsets]]
+        keys = flat[blocks[:, None, None], self.k_index.to(slots.device)[offsets]]
+        values = flat[blocks[:, None, None], self.v_index.to(slots.device)[offsets]]
         return keys, values
 
     def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of whole blocks, slot by slot, as `[len(blocks) * block_size, num_kv_heads, head_size]`
-        each: the in-block index is shared by every block, so nothing as large as the data is built."""
+        """K, V of whole blocks, slot by slot, as `[len(blocks) * block_size, num_kv_heads, head_size]` each."""
+        if self.k_layout is not None and self.v_layout is not None:
+            return self.k_layout.read_blocks(kv_cache, blocks), self.v_layout.read_blocks(kv_cache, blocks)
         flat = kv_cache.view(kv_cache.shape[0], -1)[blocks]
         heads, dims = self.k_index.shape[1:]
         keys = flat[:, self.k_index.to(blocks.device).view(-1)].view(-1, heads, dims)
         values = flat[:, self.v_index.to(blocks.device).view(-1)].view(-1, heads, dims)
         return keys, values
+
+
+def radix_digits(offsets: torch.Tensor) -> list[tuple[int, int]] | None:
+    """`offsets[i]` (relative to `offsets[0]`) as a sum of per-digit strides of i in a mixed radix:
+    [(size, stride), ...], innermost digit first; None if the axis is no such split."""
+    n, digits, unit = offsets.numel(), [], 1
+    relative = (offsets - offsets[0]).tolist()
+    while unit < n:
+        stride, size = relative[unit], 2
+        while unit * size < n and relative[unit * size] == size * stride:
+            size += 1
+        if n % (unit * size):
+            return None
+        digits.append((size, stride))
+        unit *= size
+    return digits
+
+
+@dataclass
+class StridedBlockLayout:
+    """Where element (slot, head, dim) of a block lies, as strides of mixed-radix digits of each axis."""
+
+    base: int                          # offset of element (0, 0, 0) in a block
+    axes: list[list[tuple[int, int]]]  # per axis (slot, head, dim): [(size, stride)], innermost digit first
+    shape: tuple[int, int, int]        # (block_size, heads, head_size)
+
+    @classmethod
+    def of(cls, index: torch.Tensor) -> "StridedBlockLayout | None":
+        axes = [radix_digits(index[:, 0, 0]), radix_digits(index[0, :, 0]), radix_digits(index[0, 0, :])]
+        if any(axis is None or any(stride <= 0 for _, stride in axis) for axis in axes):
+            return None
+        layout = cls(int(index[0, 0, 0]), axes, tuple(index.shape))
+        return layout if torch.equal(layout.element_index(), index) else None
+
+    def _digits(self) -> list[tuple[int, int]]:
+        """(size, stride) of every digit in logical order: slot, head, dim, each outermost first."""
+        return [digit for axis in self.axes for digit in reversed(axis)]
+
+    def element_index(self) -> torch.Tensor:
+        """`[slots, heads, dims]` element offsets this layout describes (checked against the probe)."""
+        digits = self._digits()
+        scratch = torch.arange(self.base + sum((size - 1) * stride for size, stride in digits) + 1)
+        return scratch.as_strided([size for size, _ in digits], [stride for _, stride in digits],
+                                  self.base).reshape(self.shape)
+
+    def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """`[len(blocks) * block_size, heads, head_size]`: whole blocks copied as they lie (one
+        contiguous run each), then their digits walked in memory order into logical order."""
+        flat = kv_cache.view(kv_cache.shape[0], -1)[blocks]
+        digits = self._digits()
+        in_memory = sorted(range(len(digits)), key=lambda i: -digits[i][1])
+        packed = flat.as_strided([flat.shape[0], *(digits[i][0] for i in in_memory)],
+                                 [flat.stride(0), *(digits[i][1] for i in in_memory)], self.base)
+        logical = packed.permute(0, *(1 + in_memory.index(i) for i in range(len(digits))))
+        # Copied into a fresh tensor: `reshape` may hand back odd strides on size-1 dims (a
+        # single head), which torch's fused CPU attention then misreads.
+        return torch.empty(logical.shape, dtype=logical.dtype, device=logical.device).copy_(logical).view(
+            -1, *self.shape[1:])
 
 
 _readers: dict[tuple, PagedKVReader] = {}
@@ -398,21 +511,23 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         meta: SentinelAttentionMetadata = attn_metadata
         n = meta.num_actual_tokens
 
-        # Read the volatile tails before this step's writes reach any of their slots.
-        if meta.masked_rows.numel():
-            volatile_k, volatile_v = self._reader(layer, kv_cache).read(kv_cache, meta.volatile_slots)
-        self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, meta.slot_mapping[:n])
+        if meta.kernel_rows is None:  # no span is compacted this step: the kernel's step, as stock runs it
+            self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, meta.slot_mapping[:n])
+            return super().forward(layer, query, key, value, kv_cache, meta.kernel, output)
+        # Read the volatile tails before this step's writes reach any of their slots; then the
+        # kernel's tokens go in (those of compacting chunks after p(c), on the uncompacted cache)
+        # and the kernel runs; then the compactions write their final slots and moves.
+        volatile_k, volatile_v = self._reader(layer, kv_cache).read(kv_cache, meta.volatile_slots)
+        self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, meta.kernel_slots[:n])
+        rows = meta.kernel_rows
+        kernel_output = output.new_empty((rows.numel(), *output.shape[1:]))
+        super().forward(layer, query[rows], key, value, kv_cache, meta.kernel, kernel_output)
+        output[rows] = kernel_output
+        final = meta.final_rows
+        self.do_kv_cache_update(layer, key[final], value[final], kv_cache, meta.slot_mapping[final])
         if meta.move_rows.numel():  # window > 0: the raw tokens after a compacted span close the gap it left
             self.do_kv_cache_update(layer, volatile_k[meta.move_rows].to(key.dtype),
                                     volatile_v[meta.move_rows].to(value.dtype), kv_cache, meta.move_slots)
-        if meta.kernel is not None:
-            if meta.plain_rows is None:
-                super().forward(layer, query, key, value, kv_cache, meta.kernel, output)
-            else:  # the kernel takes the plain requests only, packed
-                rows = meta.plain_rows
-                plain_output = output.new_empty((rows.numel(), *output.shape[1:]))
-                super().forward(layer, query[rows], key, value, kv_cache, meta.kernel, plain_output)
-                output[rows] = plain_output
         if meta.masked_rows.numel():
             bank_k = torch.cat([volatile_k.to(key.dtype), key[:n], meta.cl_keys[layer.layer_name].to(key.dtype)])
             bank_v = torch.cat([volatile_v.to(value.dtype), value[:n], meta.cl_values[layer.layer_name].to(value.dtype)])

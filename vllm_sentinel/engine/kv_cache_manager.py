@@ -5,7 +5,9 @@ needs after n real tokens is p(n) slots (`KVLayout.physical_len`), which shrinks
 span closes. `SentinelAttentionManager` therefore
 
 - sizes allocations by physical length: a step over real tokens [c, c + k) reads slots below
-  p(c) and writes slots below p(c + k), so it needs cdiv(max(p(c), p(c + k)), block_size) blocks;
+  p(c) and writes slots below `step_len(c, c + k)` (p(c + k), or, when it compacts, also its
+  tokens up to the first closing after p(c), where the kernel attends them), so it needs
+  cdiv(max(p(c), step_len), block_size) blocks;
 - trims the tail in `remove_skipped_blocks` (which the KV cache manager runs before every
   allocation, on the computed-token count): blocks past cdiv(p(c), block_size) are given back to
   the pool while the request runs.
@@ -77,8 +79,8 @@ class SentinelAttentionManager(FullAttentionManager):
         layout = self._layout(request_id)
         blocks = self.req_to_blocks.get(request_id)
         if blocks:
-            # Running: this step reads below p(c) and writes below p(c + k).
-            slots = max(layout.physical_len(total_computed_tokens), layout.physical_len(num_tokens))
+            # Running: this step reads below p(c) and writes below step_len(c, c + k).
+            slots = max(layout.physical_len(total_computed_tokens), layout.step_len(total_computed_tokens, num_tokens))
             return max(cdiv(slots, self.block_size) - len(blocks), 0)
         # Admission (or the full-sequence check): chunks to come may stop at any n' <= n; a hit's
         # tail blocks each take a fresh block for their copy.
@@ -86,7 +88,7 @@ class SentinelAttentionManager(FullAttentionManager):
         if new_computed_blocks:
             copies = len(new_computed_blocks) - first_copied_block(layout, total_computed_tokens, self.block_size)
         return copies + super().get_num_blocks_to_allocate(
-            request_id, layout.peak_physical_len(num_tokens), new_computed_blocks, total_computed_tokens,
+            request_id, layout.peak_step_len(num_tokens), new_computed_blocks, total_computed_tokens,
             *args, **kwargs)
 
     def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens: int) -> bool:
@@ -114,11 +116,12 @@ class SentinelAttentionManager(FullAttentionManager):
                 self.new_block_ids.append(fresh.block_id)
             copied.append(fresh)
         start = self.step_start.pop(request_id, None)
+        layout = self._layout(request_id)
         if start is not None and self.hash_fn is not None:
-            layout = self._layout(request_id)
             if layout.num_closed(num_tokens) > layout.num_closed(start):
                 self._retire_tail(request_id, start)
-        slots = self._layout(request_id).physical_len(num_tokens)
+        # A request with no blocks yet (admitted, or resumed) starts from its prefix hit, if any.
+        slots = layout.step_len(start if start is not None else self.hit_tokens.get(request_id, 0), num_tokens)
         return copied + super().allocate_new_blocks(request_id, slots, slots)
 
     def _retire_tail(self, request_id: str, computed: int) -> None:

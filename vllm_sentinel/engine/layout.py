@@ -156,6 +156,22 @@ class KVLayout:
         before_last = self.close_token(closed - 1) - (self.span - 1) * (closed - 1) if closed else 0
         return max(self.physical_len(n), before_last)
 
+    def step_len(self, computed: int, n: int) -> int:
+        """Slots a step from `computed` to `n` real tokens writes below. p(n), and if the step
+        compacts, also p(c) plus its real tokens up to the first closing: those tokens see the
+        uncompacted cache and themselves, so the kernel attends them there, stored after p(c)
+        for the step (backend.py), before the compaction rewrites the tail."""
+        if not self.compresses or self.num_closed(n) == self.num_closed(computed):
+            return self.physical_len(n)
+        first_close = self.close_token(self.num_closed(computed))
+        return max(self.physical_len(n), self.physical_len(computed) + first_close - computed + 1)
+
+    def peak_step_len(self, n: int) -> int:
+        """max `step_len` over the steps of any chunking on the way to n real tokens: the peak
+        p(c_m) + 1 of the last compaction (its close token stored uncompacted), or p(n)."""
+        closed = self.num_closed(n)
+        return max(self.peak_physical_len(n), self.peak_physical_len(self.close_token(closed - 1)) + 1 if closed else 0)
+
     def raw_start(self, n: int) -> int:
         """First real token of the raw (not yet compacted) region after n tokens."""
         if not self.compresses:
@@ -231,7 +247,7 @@ class KVLayout:
         if not self.compresses:
             return cdiv(n, block_size)
         if self.marked:
-            return cdiv(self.peak_physical_len(n) + 2, block_size) + 1
+            return cdiv(self.peak_step_len(n) + 2, block_size) + 1
         s, w = self.schedule, self.window
         steady = s.sink + cdiv(max(n - s.sink - w, 0), s.span + s.gap) * (s.gap + 1) + w + s.span + 2
         return cdiv(steady, block_size) + 1

@@ -172,11 +172,9 @@ class SentinelModelRunnerMixin:
         self.query_start_loc.np[num_reqs + 1:].fill(n)
         self.query_start_loc.copy_to_gpu()
 
-        # The kernel's sequence lengths: physical for plain chunks. A chunk that closes a span is
-        # attended by the masked path; the kernel only sees the chunk itself (the least work to discard).
-        chunk_len = np.diff(plan.query_start)
-        seq_lens = torch.from_numpy(np.where(plan.num_closings > 0, chunk_len,
-                                             plan.cached_len + chunk_len).astype(np.int32))
+        # The kernel's sequence lengths: the cache and the tokens it attends, all of a plain chunk,
+        # those before the first <CR> of one that compacts (stored after p(c) for the kernel).
+        seq_lens = torch.from_numpy((plan.cached_len + plan.kernel_len).astype(np.int32))
         self.optimistic_seq_lens_cpu[:num_reqs] = seq_lens
         self.optimistic_seq_lens_cpu[num_reqs:].fill_(0)
         self.seq_lens[:num_reqs].copy_(seq_lens, non_blocking=True)
@@ -200,9 +198,11 @@ class SentinelModelRunnerMixin:
 
         physical = plan.physical_slots
         stored = physical >= 0
+        kernel_end = plan.cached_len + plan.kernel_len  # slots the kernel's tokens take, see step_len
         for table in batch.block_table.block_tables:
             block_index = np.where(stored, physical // table.block_size, 0)
-            if (block_index[stored] >= table.num_blocks_per_row[rows[stored]]).any():
+            if (block_index[stored] >= table.num_blocks_per_row[rows[stored]]).any() or \
+                    ((kernel_end - 1) // table.block_size >= table.num_blocks_per_row[:num_reqs]).any():
                 raise RuntimeError("a sentinel KV slot lies past the blocks the scheduler allocated; "
                                    "the worker and the KV manager disagree on the layout")
             slots = table.block_table.np[rows, block_index].astype(np.int64) * table.block_size

@@ -56,6 +56,13 @@ class ChunkPlan:
         return self.num_tokens == self.num_real
 
     @property
+    def kernel_len(self) -> int:
+        """Tokens before the chunk's first `<CR>` (all of them if it has none): real tokens that see
+        the whole cache as it stands and the chunk causally, which the wrapped kernel attends."""
+        crs = np.flatnonzero(self.kinds == CR)
+        return int(crs[0]) if crs.size else self.num_tokens
+
+    @property
     def last_real(self) -> int:
         """Chunk index of the last real token: the row whose logits sample the next token."""
         return int(np.flatnonzero(self.kinds == REAL)[-1])
@@ -156,6 +163,7 @@ class StepPlan:
     cl_positions: np.ndarray    # [C] logical position of the `<CL>` of each `<CR>`, in batch order
     logits_rows: np.ndarray     # [R] expanded index of each request's last real token
     real_rows: np.ndarray       # [sum k] expanded indices of all real tokens, in order
+    kernel_len: np.ndarray      # [R] tokens before each request's first `<CR>` (`ChunkPlan.kernel_len`)
 
     @classmethod
     def build(cls, layouts: list[KVLayout], computed, num_real) -> "StepPlan":
@@ -210,10 +218,15 @@ class StepPlan:
         slots[cr_at] = S[closing] + mc * (G[closing] + 1)
 
         query_start = np.append(real_at[first], n)
-        return cls(layouts, c, k, np.bincount(req[closing], minlength=len(layouts)),
+        num_closings = np.bincount(req[closing], minlength=len(layouts))
+        # A request's first <CR> follows its first closing token: real tokens before it and that one.
+        first_closing = np.full(len(layouts), num_total)
+        np.minimum.at(first_closing, req[closing], np.flatnonzero(closing))
+        kernel_len = np.where(num_closings > 0, first_closing - first + 1, k)
+        return cls(layouts, c, k, num_closings,
                    np.array([layout.physical_len(int(x)) for layout, x in zip(layouts, c)], dtype=np.int64),
                    query_start, positions, slots, kinds, np.maximum(S[closing] + mc * P[closing] - 1, 0),
-                   real_at[first + k - 1], real_at)
+                   real_at[first + k - 1], real_at, kernel_len)
 
     @classmethod
     def from_chunks(cls, layouts: list[KVLayout], computed, num_real) -> "StepPlan":
@@ -230,7 +243,8 @@ class StepPlan:
                    join([ch.positions for ch in chunks]), join([ch.slots for ch in chunks]),
                    join([ch.kinds for ch in chunks]), join([ch.cl_positions for ch in chunks]),
                    query_start[:-1] + np.array([ch.last_real for ch in chunks], dtype=np.int64),
-                   join([start + np.flatnonzero(ch.kinds == REAL) for start, ch in zip(query_start, chunks)]))
+                   join([start + np.flatnonzero(ch.kinds == REAL) for start, ch in zip(query_start, chunks)]),
+                   np.array([ch.kernel_len for ch in chunks], dtype=np.int64))
 
     def chunk(self, row: int) -> ChunkPlan:
         return plan_chunk(self.layouts[row], int(self.computed[row]), int(self.num_real[row]))
