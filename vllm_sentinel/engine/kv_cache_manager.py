@@ -234,16 +234,15 @@ class SentinelAttentionManager(FullAttentionManager):
         filled last block (one such entry per request, the latest state's)."""
         hashes, blocks = self.hashes[request_id], self.req_to_blocks.get(request_id, [])
         cached = self.num_cached_block.get(request_id, 0)
-        state = hashes.state_hashes(computed)
         hashes.forget_tails_before(hashes.layout.num_closed(computed))
-        full = min(len(state), len(blocks))
+        full = min(hashes.num_full_blocks(computed), len(blocks))
         previous = self.partial_entries.get(request_id)
         if partial or (previous is not None and any(previous is block for block in blocks[cached:full])):
             self.partial_entries.pop(request_id, None)
             if previous is not None and previous.block_hash is not None:
                 self.block_pool.evict_blocks({previous.block_id})
         if full > cached:
-            self._cache(state[cached:full], blocks[cached:full])
+            self._cache(hashes.state_hashes(computed, first=cached)[: full - cached], blocks[cached:full])
             self.num_cached_block[request_id] = full
         if not partial:
             return

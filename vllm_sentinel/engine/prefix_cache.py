@@ -103,14 +103,18 @@ class PhysicalBlockHashes:
             return None
         return i, self._hash(parent, layout.tokens_in_slots(i * size, version), n, (version, "partial"))
 
-    def state_hashes(self, n: int) -> list[BlockHash]:
-        """Hashes of the full blocks of the state after `n` real tokens."""
+    def num_full_blocks(self, n: int) -> int:
+        return self.layout.physical_len(n) // self.block_size
+
+    def state_hashes(self, n: int, first: int = 0) -> list[BlockHash]:
+        """Hashes of the full blocks of the state after `n` real tokens, from block `first` on (a
+        decode step asks for the blocks it has not cached yet, not the whole list again)."""
         layout = self.layout
-        full = layout.physical_len(n) // self.block_size
+        full = self.num_full_blocks(n)
         version = layout.num_closed(n)
         first_tail = min(self.first_tail_block(version), full)
-        hashes = [self.final_hash(i) for i in range(first_tail)]
-        hashes += [self.tail_hash(i, version) for i in range(first_tail, full)]
+        hashes = [self.final_hash(i) for i in range(first, first_tail)]
+        hashes += [self.tail_hash(i, version) for i in range(max(first, first_tail), full)]
         return hashes
 
     def forget_tails_before(self, version: int) -> None:
