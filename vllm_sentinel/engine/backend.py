@@ -4,11 +4,13 @@ Every request's chunk is either
 - *plain* (no span is compacted in it): the cache already holds exactly what its tokens may see,
   and its tokens land on consecutive slots after it, so the wrapped kernel (CPU_ATTN) runs
   unchanged, with physical sequence lengths and slots;
-- *masked* (a span is compacted): a `<CR>` is in the chunk (seeing its `<CL>` as a constant key
-  and value the model runner supplies), and tokens after a `<CR>` must no longer see its span.
-  Its rows never go through the kernel (the kernel gets the plain requests only); they are
-  attended once, by torch's fused CPU attention kernel on padded groups, in two parts merged by
-  the log-sum-exp it returns:
+- *compacting*: a `<CR>` is in the chunk. Its tokens before the first `<CR>` see the whole cache as
+  it stands and the chunk causally: they are written right after p(c) (the step's allocation holds
+  those slots, `KVLayout.step_len`) and go through the kernel with the plain chunks. Only then are
+  the compaction's slots written. The rows from the first `<CR>` on (a `<CR>` sees its `<CL>` as a
+  constant key and value the model runner supplies; tokens after a `<CR>` no longer see its span)
+  are *masked*: attended once, by torch's fused CPU attention kernel on padded groups, in two
+  parts merged by the log-sum-exp it returns:
   - the *stable* prefix (the sink, the compacted `<CR>`s and gaps: `ChunkPlan.stable_len`), seen
     whole by every real token and by no sentinel: read straight from the paged cache in tiles of
     whole blocks, no mask;
@@ -16,11 +18,12 @@ Every request's chunk is either
     moves overwrite, so it is read before the step writes) and the chunk itself: the chunk is cut
     after each `<CR>`, each piece gathers only the keys it may see, and pieces are attended in
     padded groups with the sentinel mask.
+  In a decode step only the `<CR>` is masked (`closing_decode`: its span, itself, its `<CL>`).
   With a recent window (W > 0) the raw tokens cached after a compacted span are moved left into
   the slots it gave up, from the same pre-write read (layout.py).
 
-Stable prefixes of similar size are attended together (a decode step in which every request
-closes a span is one padded call per layer, not one per request).
+Stable prefixes of similar size are attended together, and so are pieces of similar size (a decode
+step in which every request closes a span is one padded call per layer for all their `<CR>`s).
 
 Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: the
 visibility of a band of rows at a time, at most `SCORE_BUDGET` attention scores per tile or group
