@@ -424,7 +424,7 @@ def test_regions_parse_from_numpy_arrays_as_ray_data_hands_them_on():
 
 def test_a_compacting_decode_step_needs_no_plan():
     """`closing_decode` (the backend's path for one-token chunks that compact) gives what planning
-    the chunk gives: the stable length, the `<CR>`'s piece (rows, keys, visibility) and the moves,
+    the chunk gives: the `<CR>`'s piece (rows, keys, visibility) and the moves,
     for every such step of periodic, windowed and marked layouts."""
     from vllm_sentinel.engine.backend import closing_decode, segments
 
@@ -438,9 +438,9 @@ def test_a_compacting_decode_step_needs_no_plan():
             if chunk.is_plain:
                 continue
             args = (7, 11, 40, 20, 99)  # first row, volatile offset, fresh offset, start, <CL> offset
-            stable, piece, move_from, move_to = closing_decode(layout, c, *args)
+            piece, move_from, move_to = closing_decode(layout, c, *args)
             [want] = segments(chunk, *args)
-            assert stable == chunk.stable_len and chunk.kernel_len == 1
+            assert chunk.kernel_len == 1
             assert torch.equal(piece.query_rows, want.query_rows) and torch.equal(piece.keys, want.keys)
             assert torch.equal(piece.visible, want.visible)
             assert move_from.tolist() == chunk.move_from.tolist() and move_to.tolist() == chunk.move_to.tolist()

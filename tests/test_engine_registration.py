@@ -61,9 +61,8 @@ def test_the_kv_spec_maps_to_the_sentinel_manager_and_full_attention_is_untouche
     assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size, heads, head_size", [(32, 2, 64), (128, 1, 128)])
-def test_the_kv_reader_learns_the_kernels_layout_and_reads_back_what_it_wrote(dtype, block_size, heads, head_size):
+def cpu_kernel_reader(dtype, block_size: int, heads: int, head_size: int):
+    """A `PagedKVReader` for CPU_ATTN's blocks, and the kernel's own cache writer it learned them from."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -78,7 +77,13 @@ def test_the_kv_reader_learns_the_kernels_layout_and_reads_back_what_it_wrote(dt
                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
 
     block_shape = (heads, block_size, 2 * head_size)
-    reader = PagedKVReader(write, block_shape, dtype, block_size, heads, head_size)
+    return PagedKVReader(write, block_shape, dtype, block_size, heads, head_size), write, block_shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size, heads, head_size", [(32, 2, 64), (128, 1, 128)])
+def test_the_kv_reader_learns_the_kernels_layout_and_reads_back_what_it_wrote(dtype, block_size, heads, head_size):
+    reader, write, block_shape = cpu_kernel_reader(dtype, block_size, heads, head_size)
     cache = torch.zeros(5, *block_shape, dtype=dtype)
     slots = torch.tensor([3, block_size + 1, 4 * block_size - 1, 2 * block_size, -1])
     keys = torch.randn(5, heads, head_size).to(dtype)
@@ -97,22 +102,10 @@ def test_the_kv_reader_learns_the_kernels_layout_and_reads_back_what_it_wrote(dt
 def test_the_strided_reads_equal_the_element_index_reads(dtype):
     """The kernel's block layout read as a strided view gives what the learned element index gives
     (slots in any order and repeated, whole blocks), and a layout that is no radix split falls back."""
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    from vllm_sentinel.engine.backend import PagedKVReader, StridedBlockLayout
+    from vllm_sentinel.engine.backend import StridedBlockLayout
 
     block_size, heads, head_size = 32, 2, 64
-    isa = _get_attn_isa(dtype, block_size, head_size)
-
-    def write(key, value, cache, slots):
-        view = cache.view(cache.shape[0], heads, block_size * 2, head_size)
-        key_cache, value_cache = view.chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
-                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-
-    block_shape = (heads, block_size, 2 * head_size)
-    reader = PagedKVReader(write, block_shape, dtype, block_size, heads, head_size)
+    reader, _, block_shape = cpu_kernel_reader(dtype, block_size, heads, head_size)
     assert reader.k_layout is not None and reader.v_layout is not None, "the CPU kernel's layout is a radix split"
     cache = torch.randn(6, *block_shape).to(dtype)
     slots = torch.tensor([5, 70, 3, 191, 32, 5, 0, 100])

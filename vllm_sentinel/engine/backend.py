@@ -158,22 +158,22 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
 
 
 def closing_decode(layout, computed: int, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
-                   cl_offset: int) -> tuple[int, Segment, np.ndarray, np.ndarray]:
+                   cl_offset: int) -> tuple[Segment, np.ndarray, np.ndarray]:
     """A one-token chunk [t, <CR>] that compacts span m (most steps that compact: decode), without
-    planning it: (stable length, its `segments`, moves from, moves to), what `plan_chunk`,
-    `segments` and `KVLayout.moves` give (tested). t is attended by the kernel; the `<CR>` sees its
+    planning it: (its `segments`, moves from, moves to), what `plan_chunk`, `segments` and
+    `KVLayout.moves` give (tested). t is attended by the kernel; the `<CR>` sees its
     span, itself and its `<CL>`. The span lies raw at the volatile tail's front: all L tokens
     cached if W > 0; with W = 0 t is its last token, the L - 1 before it cached. The raw tokens
     cached after the span move left by the L - 1 slots it gives back."""
     span, window = layout.span, layout.window
-    stable = layout.base(layout.num_closed(computed))
+    stable = layout.final_len(computed)  # where the raw region, span m first, begins
     cached = layout.physical_len(computed)
     in_cache = span if window else span - 1
     keys = np.concatenate([volatile_offset + np.arange(in_cache), [] if window else [fresh_offset + start],
                            [fresh_offset + start + 1, cl_offset]]).astype(np.int64)
     piece = Segment(torch.tensor([first_row]), torch.from_numpy(keys), torch.ones((1, keys.size), dtype=torch.bool))
     moved = np.arange(stable + span, cached, dtype=np.int64) if window else np.zeros(0, dtype=np.int64)
-    return stable, piece, moved, moved - (span - 1)
+    return piece, moved, moved - (span - 1)
 
 
 @dataclass
@@ -198,6 +198,11 @@ def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
         visible[i, :q] = False
         visible[i, :q, :k] = piece.visible
     return MaskedGroup(query_rows.to(device), keys.to(device), visible.to(device))
+
+
+def cache_slots(table: torch.Tensor, row: int, slots, block_size: int) -> torch.Tensor:
+    """Cache slots (block id x block size + offset) of a request's physical slots, by its block table row."""
+    return table[row, slots // block_size] * block_size + slots % block_size
 
 
 def token_rows(query_start: np.ndarray, requests, lengths: np.ndarray | None = None) -> torch.Tensor:
@@ -286,15 +291,13 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         kernel_slots[final_rows.to(kernel_slots.device)] = -1
         for row in masked_requests:
             pre = torch.arange(plan.cached_len[row], plan.cached_len[row] + plan.kernel_len[row])
-            kernel_slots[int(starts[row]): int(starts[row]) + pre.numel()] = (table[row, pre // bs] * bs + pre % bs).to(
+            kernel_slots[int(starts[row]): int(starts[row]) + pre.numel()] = cache_slots(table, row, pre, bs).to(
                 kernel_slots.device)
         kernel = super().build(common_prefix_len, self._kernel_view(cm, plan.kernel_len, kernel_rows), fast_build)
 
         # One-token chunks need no plan (`closing_decode`); longer ones get theirs.
         chunks = {row: plan.chunk(row) for row in masked_requests if plan.num_real[row] > 1}
-        stable_lens = {row: chunks[row].stable_len if row in chunks else
-                       plan.layouts[row].base(plan.layouts[row].num_closed(int(plan.computed[row])))
-                       for row in masked_requests}
+        stable_lens = {row: plan.layouts[row].final_len(int(plan.computed[row])) for row in masked_requests}
         volatile_slots, move_rows, move_slots, stable, pieces = [], [], [], [], []
         num_volatile = sum(int(plan.cached_len[row]) - stable_lens[row] for row in masked_requests)
         cl_first = np.cumsum(plan.num_closings) - plan.num_closings  # each request's first <CR> in batch order
@@ -303,10 +306,10 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             stable_len, cached_len, start = stable_lens[row], int(plan.cached_len[row]), int(starts[row])
             cl_offset = num_volatile + cm.num_actual_tokens + int(cl_first[row])
             tail = torch.arange(stable_len, cached_len)
-            volatile_slots.append(table[row, tail // bs] * bs + tail % bs)
+            volatile_slots.append(cache_slots(table, row, tail, bs))
             chunk = chunks.get(row)
             if chunk is None:
-                _, piece, move_from, move_to = closing_decode(plan.layouts[row], int(plan.computed[row]), first_row,
+                piece, move_from, move_to = closing_decode(plan.layouts[row], int(plan.computed[row]), first_row,
                                                               offset, num_volatile, start, cl_offset)
                 pieces.append(piece)
             else:
@@ -317,10 +320,9 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 move_from, move_to = chunk.move_from, chunk.move_to
             if move_from.size:
                 move_rows.append(offset + torch.from_numpy(move_from) - stable_len)
-                target = torch.from_numpy(move_to)
-                move_slots.append(table[row, target // bs] * bs + target % bs)
+                move_slots.append(cache_slots(table, row, torch.from_numpy(move_to), bs))
             offset += cached_len - stable_len
-            first_row += int(plan.query_start[row + 1] - starts[row] - plan.kernel_len[row])
+            first_row += int(starts[row + 1] - starts[row] - plan.kernel_len[row])
         spare = masked_rows.numel()  # the accumulators' extra row, where padding rows land
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)

@@ -75,7 +75,7 @@ class ChunkPlan:
         the *volatile* tail, which this step's `<CR>`s and moves overwrite."""
         if self.is_plain:
             return self.cached_len
-        return min(self.cached_len, int(self.layout.base(self.layout.num_closed(self.computed))))
+        return self.layout.final_len(self.computed)
 
     def visibility(self, first_cached: int = 0, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """`[b - a, p(c) - first_cached + b]` bool: which cached slots (from `first_cached` on) and
