@@ -388,7 +388,7 @@ def test_folds_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
     """The masked path's accumulator: keys folded in tiles, per group member masks, rows that see
     nothing in a tile, a row folded in two groups, padding rows on a spare row. The result is one
     softmax over each row's visible keys."""
-    from vllm_sentinel.engine.backend import OnlineSoftmax
+    from vllm_sentinel.engine.backend import FoldMask, OnlineSoftmax
 
     torch.manual_seed(0)
     rows, kv_heads, per_kv, dim, keys = 7, 2, 3, 16, 40
@@ -404,9 +404,9 @@ def test_folds_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
         tile = slice(first, min(first + 8, 30))
         length = torch.tensor([30, 12])
         member_mask = (torch.arange(tile.start, tile.stop) < length[:, None])[:, None, :] & seen[index][:, :, tile]
-        state.fold(index, q[index], k[tile].expand(2, -1, -1, -1), v[tile].expand(2, -1, -1, -1), member_mask)
+        state.fold(index, q[index], k[tile].expand(2, -1, -1, -1), v[tile].expand(2, -1, -1, -1), FoldMask(member_mask))
     state.fold(torch.tensor([[2, 5]]), q[[2, 5]].unsqueeze(0), k[30:].unsqueeze(0), v[30:].unsqueeze(0),
-               seen[[2, 5]][:, 30:].unsqueeze(0))  # rows 2 and 5 also see keys [30, 40)
+               FoldMask(seen[[2, 5]][:, 30:].unsqueeze(0)))  # rows 2 and 5 also see keys [30, 40)
     expected_visible = visible.clone()
     expected_visible[:, 30:] = False
     expected_visible[[2, 5], 30:] = visible[[2, 5], 30:]

@@ -121,22 +121,33 @@ class Segment:
 # Rows of a masked chunk whose visibility is built at once (a band of VISIBILITY_ROWS x chunk length bools).
 VISIBILITY_ROWS = 256
 
+# Rows a piece gathers its keys for, at least (it ends at a <CR>): its keys are the union of what its
+# rows see, so a longer piece gathers fewer keys per row (the window and the <CR>s before it are
+# shared) but attends more hidden ones. On the tiny model's prefill 128 halves the masked path's time
+# against cutting after each <CR> (docs/results.md, "Masked prefill").
+PIECE_ROWS = 128
+
 
 def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
              cl_offset: int) -> list[Segment]:
     """The masked rows of a chunk (from its first `<CR>` on; the kernel attends the tokens before
-    it), cut after each `<CR>`. Every token of a piece sees the stable prefix (attended apart), the
-    volatile tail and its own piece only, so gathering each piece's visible keys keeps the work near
-    the true visible set, instead of the chunk's full square.
+    it), in pieces of about PIECE_ROWS rows cut after a `<CR>`. Every token sees the stable prefix
+    (attended apart), and of the volatile tail and the chunk only what the mask shows it: gathering
+    each piece's visible keys keeps the work near the true visible set, instead of the chunk's full square.
 
     `first_row`: the chunk's first masked row among the step's masked rows; `start`: its first row
     in the batch (where its keys sit among this step's tokens); `cl_offset`: where the bank holds
-    the `<CL>` key of its first `<CR>` (each `<CR>` closes a piece and sees its `<CL>`, a constant)."""
+    the `<CL>` key of its first `<CR>` (each `<CR>` sees its `<CL>`, a constant)."""
     stable = chunk.stable_len
     volatile = chunk.cached_len - stable
     skip = chunk.kernel_len
-    ends = (torch.from_numpy(chunk.kinds) == CR).nonzero().squeeze(1) + 1
-    bounds = [skip, *ends.tolist()] + ([chunk.num_tokens] if ends[-1] < chunk.num_tokens else [])  # ends[0] = skip + 1
+    ends = (np.flatnonzero(chunk.kinds == CR) + 1).tolist()  # ends[0] = skip + 1
+    bounds = [skip]
+    for end in ends:
+        if end - bounds[-1] >= PIECE_ROWS or end == ends[-1]:
+            bounds.append(end)
+    if bounds[-1] < chunk.num_tokens:
+        bounds.append(chunk.num_tokens)
     pieces = []
     block, block_rows = None, (0, 0)
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -147,12 +158,13 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
         columns = seen.any(0).nonzero().squeeze(1)
         keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
         visible = seen[:, columns]
-        if chunk.kinds[b - 1] == CR:
-            keys = torch.cat([keys, torch.tensor([cl_offset])])
-            cl_column = torch.zeros((b - a, 1), dtype=torch.bool)
-            cl_column[-1] = True
-            visible = torch.cat([visible, cl_column], dim=1)
-            cl_offset += 1
+        closings = np.flatnonzero(chunk.kinds[a:b] == CR)
+        if closings.size:  # each <CR> also sees its own <CL>: one column per <CR>, visible to it alone
+            keys = torch.cat([keys, torch.arange(cl_offset, cl_offset + closings.size)])
+            cl_columns = torch.zeros((b - a, closings.size), dtype=torch.bool)
+            cl_columns[torch.from_numpy(closings), torch.arange(closings.size)] = True
+            visible = torch.cat([visible, cl_columns], dim=1)
+            cl_offset += closings.size
         pieces.append(Segment(torch.arange(first_row + a - skip, first_row + b - skip), keys, visible))
     return pieces
 
@@ -176,13 +188,40 @@ def closing_decode(layout, computed: int, first_row: int, volatile_offset: int, 
     return piece, moved, moved - (span - 1)
 
 
+class FoldMask:
+    """Which keys each row of a fold sees ([G, Q, K] bool, or [G, 1, K]: the same for every row),
+    with the two forms a fold needs, made on first use: a step's groups are folded by every layer,
+    and rebuilding the kernel's additive mask per layer cost more than the kernel on small models."""
+
+    def __init__(self, visible: torch.Tensor):
+        self.visible = visible
+        self._additive: dict = {}
+        self._blind = None
+
+    def additive(self, dtype, per_kv: int) -> torch.Tensor:
+        """The kernel's mask, [G, 1, Q x per_kv, K]: 0 where seen, -inf where hidden (a KV head's
+        query heads are extra rows of it)."""
+        key = (dtype, per_kv)
+        if key not in self._additive:
+            mask = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device).masked_fill_(
+                ~self.visible, float("-inf"))
+            self._additive[key] = (mask if self.visible.shape[1] == 1 else mask.repeat_interleave(per_kv, dim=1)).unsqueeze(1)
+        return self._additive[key]
+
+    def blind(self) -> torch.Tensor:
+        """[G, Q] rows that see no key (the kernel reports them as if they saw some)."""
+        if self._blind is None:
+            self._blind = ~self.visible.any(-1)
+        return self._blind
+
+
 @dataclass
 class MaskedGroup:
     """Segments attended together in one padded call."""
 
     query_rows: torch.Tensor  # [G, Q] masked rows; padding: the spare row (the step's masked row count)
     keys: torch.Tensor        # [G, K] indices into the key bank (padding: 0, never visible)
-    visible: torch.Tensor     # [G, Q, K] bool
+    mask: FoldMask            # [G, Q, K]
 
 
 def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
@@ -197,7 +236,7 @@ def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
         query_rows[i, :q], keys[i, :k] = piece.query_rows, piece.keys
         visible[i, :q] = False
         visible[i, :q, :k] = piece.visible
-    return MaskedGroup(query_rows.to(device), keys.to(device), visible.to(device))
+    return MaskedGroup(query_rows.to(device), keys.to(device), FoldMask(visible.to(device)))
 
 
 def cache_slots(table: torch.Tensor, row: int, slots, block_size: int) -> torch.Tensor:
@@ -569,10 +608,11 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
                 # Every request's first tile holds at least one of its keys, so no row is left with
                 # nothing to attend to; a later tile past a short prefix folds in nothing.
                 seen = first * block_size + torch.arange(k.shape[1], device=k.device) < group.lengths[:, None]
-                state.fold(group.rows, queries, k.to(dtype), v.to(dtype), None if bool(seen.all()) else seen[:, None, :])
+                state.fold(group.rows, queries, k.to(dtype), v.to(dtype),
+                           None if bool(seen.all()) else FoldMask(seen[:, None, :]))
         for group in meta.masked:
             state.fold(group.query_rows, q[group.query_rows], bank_k[group.keys].to(dtype), bank_v[group.keys].to(dtype),
-                       group.visible)
+                       group.mask)
         return state.result()[:rows].view(rows, heads, dim)
 
 
@@ -585,23 +625,19 @@ class OnlineSoftmax:
         self.lse = torch.full((rows, kv_heads, per_kv), float("-inf"), device=device)
         self.out = torch.zeros((rows, kv_heads, per_kv, dim), device=device)
 
-    def fold(self, index, q, k, v, visible) -> None:
+    def fold(self, index, q, k, v, mask: FoldMask | None) -> None:
         """index [G, Q] rows (distinct, but for the spare padding row); q [G, Q, Hkv, g, D], pre-scaled;
-        k, v [G, K, Hkv, D]; visible [G, Q, K] or [G, 1, K] (the same for every row) bool, or None
-        (all visible)."""
+        k, v [G, K, Hkv, D]; mask None: all visible."""
         groups, queries, kv_heads, per_kv, dim = q.shape
         # Grouped-query attention as plain attention: a KV head's query heads become extra rows.
         rows = q.permute(0, 2, 1, 3, 4).reshape(groups, kv_heads, queries * per_kv, dim)
-        mask = None
-        if visible is not None:
-            mask = torch.zeros(visible.shape, dtype=rows.dtype, device=rows.device).masked_fill_(~visible, float("-inf"))
-            mask = (mask if visible.shape[1] == 1 else mask.repeat_interleave(per_kv, dim=1)).unsqueeze(1)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            rows, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask, scale=1.0)
+            rows, k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+            attn_mask=None if mask is None else mask.additive(rows.dtype, per_kv), scale=1.0)
         out = out.float().view(groups, kv_heads, queries, per_kv, dim).permute(0, 2, 1, 3, 4)
         lse = lse.view(groups, kv_heads, queries, per_kv).permute(0, 2, 1, 3)
-        if visible is not None:  # the kernel reports 0 for a row that sees nothing; it weighs nothing
-            lse = lse.masked_fill(~visible.any(-1)[:, :, None, None], float("-inf"))
+        if mask is not None:  # the kernel reports 0 for a row that sees nothing; it weighs nothing
+            lse = lse.masked_fill(mask.blind()[:, :, None, None], float("-inf"))
         old = self.lse[index]
         if bool(torch.isneginf(old).all()):  # the rows' first fold (a fresh prefill's only one)
             self.out[index], self.lse[index] = out, lse
