@@ -31,6 +31,11 @@ def assert_stable_prefix(chunk, seen):
     q = chunk.num_tokens  # one piece's rows at a time, as the backend asks, are the same rows
     a, b = q // 3, max(q // 3 + 1, 2 * q // 3)
     assert torch.equal(chunk.visibility(stable, rows=(a, b)), seen[a:b, stable: chunk.cached_len + b])
+    for rows in ((0, q), (a, b), (q - 1, q)):  # visible_keys: the same, less the columns no row sees
+        want = seen[rows[0]: rows[1], stable: chunk.cached_len + rows[1]]
+        shown = want.any(0).nonzero().squeeze(1)
+        keys, part = chunk.visible_keys(stable, rows)
+        assert torch.equal(keys, shown) and torch.equal(part, want[:, shown])
     touched = np.concatenate([chunk.slots[chunk.slots >= 0], chunk.move_from, chunk.move_to])
     assert (touched >= stable).all()
     assert chunk.cached_len - stable <= chunk.layout.span + chunk.layout.window + chunk.layout.gap

@@ -112,10 +112,11 @@ def _check_window(window) -> int:
 
 def attention_mask(kinds: torch.Tensor, span_index: torch.Tensor, close_pos: torch.Tensor,
                    first_query: int = 0, *, window: int = 0, real_index: torch.Tensor | None = None,
-                   span_last: torch.Tensor | None = None) -> torch.Tensor:
+                   span_last: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """`[T - first_query, T]` bool visibility of the semantics page, from per-token kind, span and
     close position; rows are the queries from `first_query` on (the engine asks only for a chunk's
-    rows against its cached prefix).
+    rows against its cached prefix), columns the `keys` given (default: all T; the engine evaluates
+    only the keys a piece can see).
 
     With `window` W > 0 two more per-token tensors are needed: `real_index` (t of a real token x_t;
     anything for sentinels) and `span_last` (real index j of the last token of the token's span,
@@ -126,7 +127,7 @@ def attention_mask(kinds: torch.Tensor, span_index: torch.Tensor, close_pos: tor
     window = _check_window(window)
     total = kinds.numel()
     query = torch.arange(first_query, total).unsqueeze(1)
-    key = torch.arange(total).unsqueeze(0)
+    key = (torch.arange(total) if keys is None else keys).unsqueeze(0)
     causal = key <= query
     if window:
         if real_index is None or span_last is None:

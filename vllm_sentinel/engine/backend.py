@@ -118,9 +118,6 @@ class Segment:
     visible: torch.Tensor     # [q, k] bool
 
 
-# Rows of a masked chunk whose visibility is built at once (a band of VISIBILITY_ROWS x chunk length bools).
-VISIBILITY_ROWS = 256
-
 # Rows a piece gathers its keys for, at least (it ends at a <CR>): its keys are the union of what its
 # rows see, so a longer piece gathers fewer keys per row (the window and the <CR>s before it are
 # shared) but attends more hidden ones. On the tiny model's prefill 128 halves the masked path's time
@@ -149,15 +146,9 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
     if bounds[-1] < chunk.num_tokens:
         bounds.append(chunk.num_tokens)
     pieces = []
-    block, block_rows = None, (0, 0)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > block_rows[1]:  # visibility in bands of rows: never the chunk's full square, few calls
-            block_rows = (a, min(chunk.num_tokens, max(b, a + VISIBILITY_ROWS)))
-            block = chunk.visibility(stable, rows=block_rows)
-        seen = block[a - block_rows[0]: b - block_rows[0], : volatile + b]
-        columns = seen.any(0).nonzero().squeeze(1)
+        columns, visible = chunk.visible_keys(stable, (a, b))
         keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
-        visible = seen[:, columns]
         closings = np.flatnonzero(chunk.kinds[a:b] == CR)
         if closings.size:  # each <CR> also sees its own <CL>: one column per <CR>, visible to it alone
             keys = torch.cat([keys, torch.arange(cl_offset, cl_offset + closings.size)])

@@ -85,18 +85,40 @@ class ChunkPlan:
         real tokens except the open span's tokens once that span's `<CR>` has gone by in this
         chunk; a `<CR>` sees its own span's cached tokens and nothing else of the cache.
         """
+        kinds, spans, close = self._keys(first_cached)
         cached = self.cached_len - first_cached
-        kinds = np.concatenate([np.full(cached, REAL), self.kinds])
-        spans = np.concatenate([self.layout.cached_spans(self.computed)[first_cached:], self.span_index])
-        close = np.concatenate([np.full(cached, NEVER), np.where(self.close_at < NEVER, self.close_at + cached, NEVER)])
-        # Cached raw tokens of a span compacted in this chunk stop being visible after its <CR>.
-        crs = np.flatnonzero(self.kinds == CR)
-        for cr in crs:
-            close[:cached][spans[:cached] == self.span_index[cr]] = cached + cr
         a, b = rows if rows is not None else (0, self.num_tokens)
         end = cached + b  # keys after the last row are never visible to it
-        return attention_mask(torch.from_numpy(kinds[:end]), torch.from_numpy(spans[:end]),
-                              torch.from_numpy(close[:end]), first_query=cached + a)
+        return attention_mask(kinds[:end], spans[:end], close[:end], first_query=cached + a)
+
+    def visible_keys(self, first_cached: int, rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`visibility(first_cached, rows)` without the columns no row sees: (those keys, numbered as
+        there; `[b - a, len(keys)]` bool). The rule is evaluated on the keys a row from a on can
+        see, not on all of them: a `<CR>` (seen by every later real token), or a token whose span's
+        `<CR>` is not before row a (a `<CR>` sees only its span, whose tokens close at it)."""
+        kinds, spans, close = self._keys(first_cached)
+        cached = self.cached_len - first_cached
+        a, b = rows
+        end = cached + b
+        candidates = ((kinds[:end] == CR) | (close[:end] >= cached + a)).nonzero().squeeze(1)
+        seen = attention_mask(kinds[:end], spans[:end], close[:end], first_query=cached + a, keys=candidates)
+        useful = seen.any(0)
+        return candidates[useful], seen[:, useful]
+
+    def _keys(self, first_cached: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kind, span and closing row of the cached slots from `first_cached` on and of the chunk's
+        tokens, as `attention_mask` takes them (made once per chunk: every piece reads them)."""
+        made = self.__dict__.setdefault("_made_keys", {})
+        if first_cached not in made:
+            cached = self.cached_len - first_cached
+            kinds = np.concatenate([np.full(cached, REAL), self.kinds])
+            spans = np.concatenate([self.layout.cached_spans(self.computed)[first_cached:], self.span_index])
+            close = np.concatenate([np.full(cached, NEVER), np.where(self.close_at < NEVER, self.close_at + cached, NEVER)])
+            # Cached raw tokens of a span compacted in this chunk stop being visible after its <CR>.
+            for cr in np.flatnonzero(self.kinds == CR):
+                close[:cached][spans[:cached] == self.span_index[cr]] = cached + cr
+            made[first_cached] = (torch.from_numpy(kinds), torch.from_numpy(spans), torch.from_numpy(close))
+        return made[first_cached]
 
 
 def plan_chunk(layout: KVLayout, computed: int, num_real: int) -> ChunkPlan:
