@@ -274,7 +274,7 @@ class SentinelAttentionMetadata:
     kernel_rows: torch.Tensor | None      # [P] their batch rows when masked rows share the step, else None (all)
     masked_rows: torch.Tensor             # [M] batch rows from the first <CR> on of chunks that compact a span
     final_rows: torch.Tensor              # [F] all batch rows of those chunks: written after the kernel
-    volatile_slots: torch.Tensor          # [C] cache slots of their volatile tails: the key bank's front
+    volatile_slots: "BlockSlots | torch.Tensor"  # [C] cache slots of their volatile tails: the key bank's front
     stable: list[StablePrefixGroup]       # masked requests with a stable prefix, in padded groups
     masked: list[MaskedGroup]             # pieces of the masked chunks, against the volatile tails and chunk
     move_rows: torch.Tensor               # [V] key-bank rows of cached tokens a compaction shifts left (window > 0)
@@ -361,7 +361,7 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         none = torch.zeros(0, dtype=torch.long)
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel_slots, kernel,
                                          kernel_rows.to(device), masked_rows.to(device), final_rows.to(device),
-                                         torch.cat(volatile_slots).to(device),
+                                         BlockSlots(torch.cat(volatile_slots).to(device), bs),
                                          [pad_stable_group([stable[i] for i in group], spare, device)
                                           for group in stable_groups],
                                          [pad_group([pieces[i] for i in group], spare, device) for group in groups],
@@ -379,6 +379,16 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return replace(cm, num_actual_tokens=rows.numel(), max_query_len=int(query_lens.max()),
                        query_start_loc=query_start.to(cm.query_start_loc.device), query_start_loc_cpu=query_start,
                        slot_mapping=cm.slot_mapping[rows.to(cm.slot_mapping.device)])
+
+
+class BlockSlots:
+    """Cache slots, split once by block (the blocks touched, each once; each slot's row among their
+    slots): every layer of a step reads the same slots, so the split is the builder's, not each layer's."""
+
+    def __init__(self, slots: torch.Tensor, block_size: int):
+        self.slots, self.block_size = slots, block_size
+        self.blocks, which = torch.unique(slots // block_size, return_inverse=True)
+        self.rows = which * block_size + slots % block_size
 
 
 class PagedKVReader:
@@ -427,19 +437,19 @@ class PagedKVReader:
                                "through its cache writer does not map one-to-one onto a block")
         return index
 
-    def read(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, kv_cache: torch.Tensor, slots: torch.Tensor | BlockSlots) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of `slots` as `[n, num_kv_heads, head_size]` each."""
-        blocks, offsets = slots // self.block_size, slots % self.block_size
+        if not isinstance(slots, BlockSlots) or slots.block_size != self.block_size:
+            slots = BlockSlots(getattr(slots, "slots", slots), self.block_size)
         if self.k_layout is not None and self.v_layout is not None:
             # Whole blocks are cheaper than scattered slots (a slot's head dims lie in pieces
             # across a tiled block): read each block touched once, then pick the slots.
-            touched, which = torch.unique(blocks, return_inverse=True)
-            rows = which * self.block_size + offsets
-            return (self.k_layout.read_blocks(kv_cache, touched)[rows],
-                    self.v_layout.read_blocks(kv_cache, touched)[rows])
+            return (self.k_layout.read_blocks(kv_cache, slots.blocks)[slots.rows],
+                    self.v_layout.read_blocks(kv_cache, slots.blocks)[slots.rows])
+        blocks, offsets = slots.slots // self.block_size, slots.slots % self.block_size
         flat = kv_cache.view(kv_cache.shape[0], -1)
-        keys = flat[blocks[:, None, None], self.k_index.to(slots.device)[offsets]]
-        values = flat[blocks[:, None, None], self.v_index.to(slots.device)[offsets]]
+        keys = flat[blocks[:, None, None], self.k_index.to(blocks.device)[offsets]]
+        values = flat[blocks[:, None, None], self.v_index.to(blocks.device)[offsets]]
         return keys, values
 
     def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

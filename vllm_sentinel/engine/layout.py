@@ -56,10 +56,12 @@ class KVLayout:
             self.starts = np.asarray(regions.span_starts(schedule), dtype=np.int64)
             self.tail_from = regions.prompt_len if regions.output == "schedule" else None
         self.marked = regions is not None
-
-    @property
-    def compresses(self) -> bool:
-        return self.schedule is not None
+        self.compresses = schedule is not None
+        # k(n) of a scalar n with periodic spans, in closed form: the scheduler's KV manager asks it
+        # of every request several times a step, where numpy's dispatch would cost more than stock's
+        # whole allocation.
+        self._periodic = self.compresses and not self.marked
+        self._close_lag = self.span - 1 + self.window
 
     @property
     def key(self) -> tuple:
@@ -90,7 +92,10 @@ class KVLayout:
     def num_closed(self, n):
         """k(n): spans compacted once `n` real tokens are computed (scalar or array): those with
         start + L - 1 + W < n."""
-        return self.starts_below(n - self.span + 1 - self.window)
+        if self._periodic and type(n) is int:
+            x = n - self._close_lag
+            return (x - self.tail_from + self.period - 1) // self.period if x > self.tail_from else 0
+        return self.starts_below(n - self._close_lag)
 
     def num_ended(self, t):
         """Spans whose last token lies before real token t (scalar or array)."""
