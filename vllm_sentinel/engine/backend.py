@@ -188,6 +188,13 @@ class FoldMask:
         self.visible = visible
         self._additive: dict = {}
         self._blind = None
+        self._all_seen = None
+
+    def all_seen(self) -> bool:
+        """Every row sees every key (a compacting decode step's `<CR>`s): the kernel needs no mask."""
+        if self._all_seen is None:
+            self._all_seen = bool(self.visible.all())
+        return self._all_seen
 
     def additive(self, dtype, per_kv: int) -> torch.Tensor:
         """The kernel's mask, [G, 1, Q x per_kv, K]: 0 where seen, -inf where hidden (a KV head's
@@ -629,6 +636,8 @@ class OnlineSoftmax:
     def fold(self, index, q, k, v, mask: FoldMask | None) -> None:
         """index [G, Q] rows (distinct, but for the spare padding row); q [G, Q, Hkv, g, D], pre-scaled;
         k, v [G, K, Hkv, D]; mask None: all visible."""
+        if mask is not None and mask.all_seen():
+            mask = None
         groups, queries, kv_heads, per_kv, dim = q.shape
         # Grouped-query attention as plain attention: a KV head's query heads become extra rows.
         rows = q.permute(0, 2, 1, 3, 4).reshape(groups, kv_heads, queries * per_kv, dim)
