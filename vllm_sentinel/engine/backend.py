@@ -237,9 +237,17 @@ def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
     return MaskedGroup(query_rows.to(device), keys.to(device), FoldMask(visible.to(device)))
 
 
-def cache_slots(table: torch.Tensor, row: int, slots, block_size: int) -> torch.Tensor:
-    """Cache slots (block id x block size + offset) of a request's physical slots, by its block table row."""
+def cache_slots(table: torch.Tensor, row, slots, block_size: int) -> torch.Tensor:
+    """Cache slots (block id x block size + offset) of physical slots, by block table row (one
+    request's, or one per slot)."""
     return table[row, slots // block_size] * block_size + slots % block_size
+
+
+def concat_ranges(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[first[i], first[i] + lengths[i]) for every i, concatenated: per-request ranges of a step
+    without a Python loop over its requests."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if ends.size else 0, dtype=np.int64) + np.repeat(first - (ends - lengths), lengths)
 
 
 def token_rows(query_start: np.ndarray, requests, lengths: np.ndarray | None = None) -> torch.Tensor:
@@ -321,29 +329,29 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         # of a compacting chunk are written after p(c) first, where the uncompacted cache continues
         # (the step allocated those slots: KVLayout.step_len); the compaction's writes follow.
         kernel_rows = token_rows(starts, range(len(plan.layouts)), plan.kernel_len)
-        masked_rows = torch.from_numpy(np.concatenate([np.arange(starts[r] + plan.kernel_len[r], starts[r + 1])
-                                                       for r in masked_requests]))
+        masked = np.asarray(masked_requests, dtype=np.int64)
+        first_masked = starts[masked] + plan.kernel_len[masked]
+        masked_rows = torch.from_numpy(concat_ranges(first_masked, starts[masked + 1] - first_masked))
         final_rows = token_rows(starts, masked_requests)
         kernel_slots = cm.slot_mapping.clone()
         kernel_slots[final_rows.to(kernel_slots.device)] = -1
-        for row in masked_requests:
-            pre = torch.arange(plan.cached_len[row], plan.cached_len[row] + plan.kernel_len[row])
-            kernel_slots[int(starts[row]): int(starts[row]) + pre.numel()] = cache_slots(table, row, pre, bs).to(
-                kernel_slots.device)
+        pre_lens = plan.kernel_len[masked]
+        pre = cache_slots(table, torch.from_numpy(np.repeat(masked, pre_lens)),
+                          torch.from_numpy(concat_ranges(plan.cached_len[masked], pre_lens)), bs)
+        kernel_slots[torch.from_numpy(concat_ranges(starts[masked], pre_lens)).to(kernel_slots.device)] = pre.to(
+            kernel_slots.device)
         kernel = super().build(common_prefix_len, self._kernel_view(cm, plan.kernel_len, kernel_rows), fast_build)
 
         # One-token chunks need no plan (`closing_decode`); longer ones get theirs.
         chunks = {row: plan.chunk(row) for row in masked_requests if plan.num_real[row] > 1}
         stable_lens = {row: plan.layouts[row].final_len(int(plan.computed[row])) for row in masked_requests}
-        volatile_slots, move_rows, move_slots, stable, pieces = [], [], [], [], []
+        move_rows, move_requests, move_to_slots, stable, pieces = [], [], [], [], []
         num_volatile = sum(int(plan.cached_len[row]) - stable_lens[row] for row in masked_requests)
         cl_first = np.cumsum(plan.num_closings) - plan.num_closings  # each request's first <CR> in batch order
         offset, first_row = 0, 0
         for row in masked_requests:
             stable_len, cached_len, start = stable_lens[row], int(plan.cached_len[row]), int(starts[row])
             cl_offset = num_volatile + cm.num_actual_tokens + int(cl_first[row])
-            tail = torch.arange(stable_len, cached_len)
-            volatile_slots.append(cache_slots(table, row, tail, bs))
             chunk = chunks.get(row)
             if chunk is None:
                 piece, move_from, move_to = closing_decode(plan.layouts[row], int(plan.computed[row]), first_row,
@@ -356,24 +364,31 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 pieces += segments(chunk, first_row, offset, num_volatile, start, cl_offset)
                 move_from, move_to = chunk.move_from, chunk.move_to
             if move_from.size:
-                move_rows.append(offset + torch.from_numpy(move_from) - stable_len)
-                move_slots.append(cache_slots(table, row, torch.from_numpy(move_to), bs))
+                move_rows.append(offset + move_from - stable_len)
+                move_requests.append(np.full(move_to.size, row, dtype=np.int64))
+                move_to_slots.append(move_to)
             offset += cached_len - stable_len
             first_row += int(starts[row + 1] - starts[row] - plan.kernel_len[row])
+        stable_ends = np.array([stable_lens[row] for row in masked_requests], dtype=np.int64)
+        tail_lens = plan.cached_len[masked] - stable_ends
+        volatile_slots = cache_slots(table, torch.from_numpy(np.repeat(masked, tail_lens)),
+                                     torch.from_numpy(concat_ranges(stable_ends, tail_lens)), bs)
+        none = np.zeros(0, dtype=np.int64)
+        move_rows = torch.from_numpy(np.concatenate(move_rows or [none]))
+        move_slots = cache_slots(table, torch.from_numpy(np.concatenate(move_requests or [none])),
+                                 torch.from_numpy(np.concatenate(move_to_slots or [none])), bs)
         spare = masked_rows.numel()  # the accumulators' extra row, where padding rows land
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)
         stable_groups = group_by_size([(rows.numel(), length) for rows, _, length in stable],
                                       max_padded=SCORE_BUDGET // self.num_heads)
-        none = torch.zeros(0, dtype=torch.long)
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel_slots, kernel,
                                          kernel_rows.to(device), masked_rows.to(device), final_rows.to(device),
-                                         BlockSlots(torch.cat(volatile_slots).to(device), bs),
+                                         BlockSlots(volatile_slots.to(device), bs),
                                          [pad_stable_group([stable[i] for i in group], spare, device)
                                           for group in stable_groups],
                                          [pad_group([pieces[i] for i in group], spare, device) for group in groups],
-                                         torch.cat(move_rows or [none]).to(device),
-                                         torch.cat(move_slots or [none]).to(device),
+                                         move_rows.to(device), move_slots.to(device),
                                          self.step.cl_keys, self.step.cl_values)
 
     @staticmethod
