@@ -75,7 +75,7 @@ def test_physical_len_is_the_next_tokens_visible_set(schedule):
     stream = stream_for(schedule, n_max + 1)
     lengths = [layout.physical_len(n) for n in range(n_max + 1)]
     assert lengths == [len(visible_next(stream, n)) for n in range(n_max + 1)]
-    # k(n) of an int takes a closed form; of an array, numpy: the two agree
+    # k(n) of an int takes plain arithmetic, of an array numpy: the two agree
     assert layout.num_closed(np.arange(n_max + 1)).tolist() == [layout.num_closed(n) for n in range(n_max + 1)]
     assert [layout.peak_physical_len(n) for n in range(n_max + 1)] == list(np.maximum.accumulate(lengths))
     steady = [schedule.sink + (n - schedule.sink) * (schedule.gap + 1) / (schedule.span + schedule.gap)

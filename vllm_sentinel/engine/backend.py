@@ -252,8 +252,9 @@ def concat_ranges(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def token_rows(query_start: np.ndarray, requests, lengths: np.ndarray | None = None) -> torch.Tensor:
     """Batch rows of the given requests' tokens (the first `lengths[r]` of each, if given), in order."""
-    ends = query_start[1:] if lengths is None else query_start[:-1] + lengths
-    return torch.from_numpy(np.concatenate([np.arange(query_start[r], ends[r]) for r in requests]))
+    requests = np.asarray(requests, dtype=np.int64)
+    counts = (query_start[1:] - query_start[:-1]) if lengths is None else lengths
+    return torch.from_numpy(concat_ranges(query_start[requests], counts[requests]))
 
 
 @dataclass
@@ -344,13 +345,15 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
         # One-token chunks need no plan (`closing_decode`); longer ones get theirs.
         chunks = {row: plan.chunk(row) for row in masked_requests if plan.num_real[row] > 1}
-        stable_lens = {row: plan.layouts[row].final_len(int(plan.computed[row])) for row in masked_requests}
+        stable_lens = np.array([plan.layouts[row].final_len(int(plan.computed[row])) for row in masked_requests],
+                               dtype=np.int64)
+        tail_lens = plan.cached_len[masked] - stable_lens
         move_rows, move_requests, move_to_slots, stable, pieces = [], [], [], [], []
-        num_volatile = sum(int(plan.cached_len[row]) - stable_lens[row] for row in masked_requests)
+        num_volatile = int(tail_lens.sum())
         cl_first = np.cumsum(plan.num_closings) - plan.num_closings  # each request's first <CR> in batch order
         offset, first_row = 0, 0
-        for row in masked_requests:
-            stable_len, cached_len, start = stable_lens[row], int(plan.cached_len[row]), int(starts[row])
+        for row, stable_len in zip(masked_requests, stable_lens.tolist()):
+            cached_len, start = int(plan.cached_len[row]), int(starts[row])
             cl_offset = num_volatile + cm.num_actual_tokens + int(cl_first[row])
             chunk = chunks.get(row)
             if chunk is None:
@@ -369,10 +372,8 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 move_to_slots.append(move_to)
             offset += cached_len - stable_len
             first_row += int(starts[row + 1] - starts[row] - plan.kernel_len[row])
-        stable_ends = np.array([stable_lens[row] for row in masked_requests], dtype=np.int64)
-        tail_lens = plan.cached_len[masked] - stable_ends
         volatile_slots = cache_slots(table, torch.from_numpy(np.repeat(masked, tail_lens)),
-                                     torch.from_numpy(concat_ranges(stable_ends, tail_lens)), bs)
+                                     torch.from_numpy(concat_ranges(stable_lens, tail_lens)), bs)
         none = np.zeros(0, dtype=np.int64)
         move_rows = torch.from_numpy(np.concatenate(move_rows or [none]))
         move_slots = cache_slots(table, torch.from_numpy(np.concatenate(move_requests or [none])),

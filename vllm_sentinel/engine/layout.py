@@ -57,9 +57,8 @@ class KVLayout:
             self.tail_from = regions.prompt_len if regions.output == "schedule" else None
         self.marked = regions is not None
         self.compresses = schedule is not None
-        # k(n) of a scalar n with periodic spans, in closed form: the scheduler's KV manager asks it
-        # of every request several times a step, where numpy's dispatch would cost more than stock's
-        # whole allocation.
+        # Plain attributes, checked first: the scheduler's KV manager asks k(n) of every request
+        # several times a step, where a property call per check cost more than stock's allocation.
         self._periodic = self.compresses and not self.marked
         self._close_lag = self.span - 1 + self.window
 
@@ -77,12 +76,12 @@ class KVLayout:
     # -- spans --------------------------------------------------------------------------------
     def starts_below(self, x):
         """Spans that start before real token x (scalar or array)."""
-        if not self.compresses:
-            return np.zeros_like(x) if isinstance(x, np.ndarray) else 0
-        if not self.marked:  # the hot path: plain integer arithmetic
+        if self._periodic:  # the hot path: plain integer arithmetic
             if isinstance(x, np.ndarray):
                 return np.where(x > self.tail_from, (x - self.tail_from + self.period - 1) // self.period, 0)
             return (x - self.tail_from + self.period - 1) // self.period if x > self.tail_from else 0
+        if not self.compresses:
+            return np.zeros_like(x) if isinstance(x, np.ndarray) else 0
         count = np.searchsorted(self.starts, x, side="left")
         if self.tail_from is not None:
             count = count + np.where(np.asarray(x) > self.tail_from,
@@ -92,9 +91,6 @@ class KVLayout:
     def num_closed(self, n):
         """k(n): spans compacted once `n` real tokens are computed (scalar or array): those with
         start + L - 1 + W < n."""
-        if self._periodic and type(n) is int:
-            x = n - self._close_lag
-            return (x - self.tail_from + self.period - 1) // self.period if x > self.tail_from else 0
         return self.starts_below(n - self._close_lag)
 
     def num_ended(self, t):

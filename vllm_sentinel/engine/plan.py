@@ -16,7 +16,7 @@ closing need the masked path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ class ChunkPlan:
     cl_positions: np.ndarray # [closings] logical position of each compacted span's `<CL>`, in `<CR>` order
     move_from: np.ndarray    # [v] cached slots whose tokens this chunk's compactions shift left (W > 0)
     move_to: np.ndarray      # [v] their slots after the chunk
+    # first cached slot -> `_keys`, made once per chunk (every masked piece of it reads them)
+    _made_keys: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -107,8 +109,8 @@ class ChunkPlan:
 
     def _keys(self, first_cached: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kind, span and closing row of the cached slots from `first_cached` on and of the chunk's
-        tokens, as `attention_mask` takes them (made once per chunk: every piece reads them)."""
-        made = self.__dict__.setdefault("_made_keys", {})
+        tokens, as `attention_mask` takes them."""
+        made = self._made_keys
         if first_cached not in made:
             cached = self.cached_len - first_cached
             kinds = np.concatenate([np.full(cached, REAL), self.kinds])
