@@ -429,27 +429,30 @@ def test_regions_parse_from_numpy_arrays_as_ray_data_hands_them_on():
     assert Regions.parse(np.array([], dtype=np.int64), 40).ranges == ()
 
 
-def test_a_compacting_decode_step_needs_no_plan():
-    """`closing_decode` (the backend's path for one-token chunks that compact) gives what planning
-    the chunk gives: the `<CR>`'s piece (rows, keys, visibility) and the moves,
-    for every such step of periodic, windowed and marked layouts."""
-    from vllm_sentinel.engine.backend import closing_decode, segments
+def test_compacting_decode_steps_need_no_plan():
+    """`closing_decodes` (the backend's path for one-token chunks that compact, all requests of a
+    step at once) gives what planning each chunk gives: the `<CR>`'s piece (row, keys, every key
+    visible) and the moves, for every such step of periodic, windowed and marked layouts, batched
+    together with different spans and offsets."""
+    from vllm_sentinel.engine.backend import closing_decodes, segments
 
     layouts = [KVLayout(s) for s in LAYOUTS] + [KVLayout(ScheduleConfig(s.sink, s.span, s.gap, s.window))
                                                 for s in WINDOWED]
     layouts += [KVLayout(ScheduleConfig(2, 8, 3, 5), marked(ranges, output)) for ranges, output in MARKINGS]
-    checked = 0
-    for layout in layouts:
-        for c in range(300):
-            chunk = plan_chunk(layout, c, 1)
-            if chunk.is_plain:
-                continue
-            args = (7, 11, 40, 20, 99)  # first row, volatile offset, fresh offset, start, <CL> offset
-            piece, move_from, move_to = closing_decode(layout, c, *args)
-            [want] = segments(chunk, *args)
-            assert chunk.kernel_len == 1
-            assert torch.equal(piece.query_rows, want.query_rows) and torch.equal(piece.keys, want.keys)
-            assert torch.equal(piece.visible, want.visible)
-            assert move_from.tolist() == chunk.move_from.tolist() and move_to.tolist() == chunk.move_to.tolist()
-            checked += 1
-    assert checked > 500
+    cases = [(layout, c, plan_chunk(layout, c, 1)) for layout in layouts for c in range(300)]
+    cases = [case for case in cases if not case[2].is_plain]
+    assert len(cases) > 500 and len({layout.span for layout, _, _ in cases}) > 2
+    n, fresh = len(cases), 40
+    first_row, volatile, start, cl = 7 + 3 * np.arange(n), 11 + 50 * np.arange(n), 20 + 5 * np.arange(n), 99 + np.arange(n)
+    pieces, owner, move_from, move_to = closing_decodes(
+        np.array([layout.span for layout, _, _ in cases]), np.array([layout.window for layout, _, _ in cases]),
+        np.array([layout.final_len(c) for layout, c, _ in cases]), np.array([chunk.cached_len for _, _, chunk in cases]),
+        first_row, volatile, fresh, start, cl)
+    got = {int(row): keys.tolist() for rows, keys in pieces for row, keys in zip(rows, keys)}
+    assert len(got) == n
+    for i, (layout, c, chunk) in enumerate(cases):
+        [want] = segments(chunk, int(first_row[i]), int(volatile[i]), fresh, int(start[i]), int(cl[i]))
+        assert chunk.kernel_len == 1 and want.query_rows.tolist() == [first_row[i]] and bool(want.visible.all())
+        assert got[int(first_row[i])] == want.keys.tolist(), (layout, c)
+        assert move_from[owner == i].tolist() == chunk.move_from.tolist(), (layout, c)
+        assert move_to[owner == i].tolist() == chunk.move_to.tolist(), (layout, c)

@@ -117,3 +117,36 @@ def test_the_strided_reads_equal_the_element_index_reads(dtype):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     shuffled = torch.randperm(block_size * heads * head_size, generator=torch.Generator().manual_seed(0))
     assert StridedBlockLayout.of(shuffled.view(block_size, heads, head_size)) is None
+
+
+def test_a_tiled_block_layout_reads_back_what_was_written():
+    """A kernel that tiles its blocks as AMX does (keys in tiles of 16 slots with dims in pairs,
+    values plain) is learned as a multi-digit strided layout, and its slot and block reads give
+    what was written, as the element-index path does."""
+    from vllm_sentinel.engine.backend import PagedKVReader
+
+    block_size, heads, dim = 32, 2, 64
+    slot, head, d = torch.meshgrid(torch.arange(block_size), torch.arange(heads), torch.arange(dim), indexing="ij")
+    key_at = head * block_size * dim + (slot // 16) * 16 * dim + (d // 2) * 32 + (slot % 16) * 2 + d % 2
+    value_at = heads * block_size * dim + (slot * heads + head) * dim + d
+
+    def write(key, value, cache, slots):
+        flat = cache.view(cache.shape[0], -1)
+        for row in (slots >= 0).nonzero().squeeze(1).tolist():
+            block, offset = divmod(int(slots[row]), block_size)
+            flat[block, key_at[offset].reshape(-1)] = key[row].reshape(-1)
+            flat[block, value_at[offset].reshape(-1)] = value[row].reshape(-1)
+
+    block_shape = (2 * heads * block_size * dim,)
+    reader = PagedKVReader(write, block_shape, torch.float32, block_size, heads, dim)
+    assert reader.k_layout is not None and len(reader.k_layout.axes[0]) == 2 and len(reader.k_layout.axes[2]) == 2
+    cache = torch.zeros(4, *block_shape)
+    slots = torch.tensor([5, 70, 3, 127, 32, 17, 0, 100])
+    keys, values = torch.randn(8, heads, dim), torch.randn(8, heads, dim)
+    write(keys, values, cache, slots)
+    order = torch.tensor([3, 0, 7, 1, 0])
+    got_k, got_v = reader.read(cache, slots[order])
+    assert torch.equal(got_k, keys[order]) and torch.equal(got_v, values[order])
+    whole = reader.read_blocks(cache, torch.tensor([3, 0]))
+    reader.k_layout = reader.v_layout = None
+    assert all(torch.equal(a, b) for a, b in zip(whole, reader.read_blocks(cache, torch.tensor([3, 0]))))

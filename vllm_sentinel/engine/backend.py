@@ -18,7 +18,7 @@ Every request's chunk is either
     moves overwrite, so it is read before the step writes) and the chunk itself: the chunk is cut
     after each `<CR>`, each piece gathers only the keys it may see, and pieces are attended in
     padded groups with the sentinel mask.
-  In a decode step only the `<CR>` is masked (`closing_decode`: its span, itself, its `<CL>`).
+  In a decode step only the `<CR>` is masked (`closing_decodes`: its span, itself, its `<CL>`).
   With a recent window (W > 0) the raw tokens cached after a compacted span are moved left into
   the slots it gave up, from the same pre-write read (layout.py).
 
@@ -160,23 +160,35 @@ def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, sta
     return pieces
 
 
-def closing_decode(layout, computed: int, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
-                   cl_offset: int) -> tuple[Segment, np.ndarray, np.ndarray]:
-    """A one-token chunk [t, <CR>] that compacts span m (most steps that compact: decode), without
-    planning it: (its `segments`, moves from, moves to), what `plan_chunk`, `segments` and
-    `KVLayout.moves` give (tested). t is attended by the kernel; the `<CR>` sees its
-    span, itself and its `<CL>`. The span lies raw at the volatile tail's front: all L tokens
-    cached if W > 0; with W = 0 t is its last token, the L - 1 before it cached. The raw tokens
-    cached after the span move left by the L - 1 slots it gives back."""
-    span, window = layout.span, layout.window
-    stable = layout.final_len(computed)  # where the raw region, span m first, begins
-    cached = layout.physical_len(computed)
-    in_cache = span if window else span - 1
-    keys = np.concatenate([volatile_offset + np.arange(in_cache), [] if window else [fresh_offset + start],
-                           [fresh_offset + start + 1, cl_offset]]).astype(np.int64)
-    piece = Segment(torch.tensor([first_row]), torch.from_numpy(keys), torch.ones((1, keys.size), dtype=torch.bool))
-    moved = np.arange(stable + span, cached, dtype=np.int64) if window else np.zeros(0, dtype=np.int64)
-    return piece, moved, moved - (span - 1)
+def closing_decodes(span: np.ndarray, window: np.ndarray, stable: np.ndarray, cached: np.ndarray,
+                    first_row: np.ndarray, volatile_offset: np.ndarray, fresh_offset: int, start: np.ndarray,
+                    cl_offset: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray, np.ndarray]:
+    """One-token chunks [t, <CR>] that compact a span (most steps that compact: decode), for all
+    such requests of a step at once and without planning them: what `plan_chunk`, `segments` and
+    `KVLayout.moves` give each (tested). t is attended by the kernel; the `<CR>` sees its span,
+    itself and its `<CL>`, all of them, so no mask. The span lies raw at the volatile tail's front
+    (from `stable`, `KVLayout.final_len`): all L tokens cached if W > 0; with W = 0 t is its last
+    token, the L - 1 before it cached. The raw tokens cached after the span move left by the
+    L - 1 slots it gives back.
+
+    Per request (arrays): its span L, window W, stable and cached lengths, masked row, volatile
+    tail's first key-bank row, first batch row and its `<CR>`'s `<CL>` key. Returns the `<CR>`s as
+    (rows [n], keys [n, L + 2]) per distinct L, and the moves as (request index, from, to) slots."""
+    in_cache = np.where(window > 0, span, span - 1)
+    pieces = []
+    for length in np.unique(span).tolist():
+        which = np.flatnonzero(span == length)
+        column = np.arange(length)
+        keys = np.empty((which.size, length + 2), dtype=np.int64)
+        keys[:, :length] = np.where(column < in_cache[which, None], volatile_offset[which, None] + column,
+                                    fresh_offset + start[which, None])
+        keys[:, length] = fresh_offset + start[which] + 1
+        keys[:, length + 1] = cl_offset[which]
+        pieces.append((first_row[which], keys))
+    num_moved = np.where(window > 0, np.maximum(cached - stable - span, 0), 0)
+    moved = concat_ranges(stable + span, num_moved)
+    owner = np.repeat(np.arange(span.size), num_moved)
+    return pieces, owner, moved, moved - (span[owner] - 1)
 
 
 class FoldMask:
@@ -235,6 +247,20 @@ def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
         visible[i, :q] = False
         visible[i, :q, :k] = piece.visible
     return MaskedGroup(query_rows.to(device), keys.to(device), FoldMask(visible.to(device)))
+
+
+def unmasked_groups(pieces: list[tuple[np.ndarray, np.ndarray]], max_padded: int, device) -> list[MaskedGroup]:
+    """Single-row pieces that see all their keys (`closing_decodes`), as groups of at most
+    `max_padded` scores: no padding, no mask."""
+    groups = []
+    for rows, keys in pieces:
+        per_group = max(1, max_padded // keys.shape[1])
+        for first in range(0, rows.size, per_group):
+            part = slice(first, first + per_group)
+            visible = torch.ones((keys[part].shape[0], 1, keys.shape[1]), dtype=torch.bool, device=device)
+            groups.append(MaskedGroup(torch.from_numpy(rows[part, None]).to(device),
+                                      torch.from_numpy(keys[part]).to(device), FoldMask(visible)))
+    return groups
 
 
 def cache_slots(table: torch.Tensor, row, slots, block_size: int) -> torch.Tensor:
@@ -343,41 +369,42 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             kernel_slots.device)
         kernel = super().build(common_prefix_len, self._kernel_view(cm, plan.kernel_len, kernel_rows), fast_build)
 
-        # One-token chunks need no plan (`closing_decode`); longer ones get theirs.
-        chunks = {row: plan.chunk(row) for row in masked_requests if plan.num_real[row] > 1}
         stable_lens = np.array([plan.layouts[row].final_len(int(plan.computed[row])) for row in masked_requests],
                                dtype=np.int64)
         tail_lens = plan.cached_len[masked] - stable_lens
-        move_rows, move_requests, move_to_slots, stable, pieces = [], [], [], [], []
         num_volatile = int(tail_lens.sum())
+        offsets = np.cumsum(tail_lens) - tail_lens  # each volatile tail's first row in the key bank
+        masked_lens = starts[masked + 1] - first_masked
+        first_rows = np.cumsum(masked_lens) - masked_lens  # each request's first masked row
         cl_first = np.cumsum(plan.num_closings) - plan.num_closings  # each request's first <CR> in batch order
-        offset, first_row = 0, 0
-        for row, stable_len in zip(masked_requests, stable_lens.tolist()):
-            cached_len, start = int(plan.cached_len[row]), int(starts[row])
-            cl_offset = num_volatile + cm.num_actual_tokens + int(cl_first[row])
-            chunk = chunks.get(row)
-            if chunk is None:
-                piece, move_from, move_to = closing_decode(plan.layouts[row], int(plan.computed[row]), first_row,
-                                                              offset, num_volatile, start, cl_offset)
-                pieces.append(piece)
-            else:
-                real = np.flatnonzero(chunk.kinds[chunk.kernel_len:] == REAL)  # real tokens after the first <CR>
-                if stable_len and real.size:
-                    stable.append((first_row + torch.from_numpy(real), table[row, :cdiv(stable_len, bs)], stable_len))
-                pieces += segments(chunk, first_row, offset, num_volatile, start, cl_offset)
-                move_from, move_to = chunk.move_from, chunk.move_to
-            if move_from.size:
-                move_rows.append(offset + move_from - stable_len)
-                move_requests.append(np.full(move_to.size, row, dtype=np.int64))
-                move_to_slots.append(move_to)
-            offset += cached_len - stable_len
-            first_row += int(starts[row + 1] - starts[row] - plan.kernel_len[row])
+        cl_offsets = num_volatile + cm.num_actual_tokens + cl_first[masked]
+
+        # One-token chunks need no plan (`closing_decodes`, all at once); longer ones get theirs.
+        one = np.flatnonzero(plan.num_real[masked] == 1)
+        decoding = masked[one]
+        decode_pieces, owner, move_from, move_to = closing_decodes(
+            np.array([plan.layouts[row].span for row in decoding], dtype=np.int64),
+            np.array([plan.layouts[row].window for row in decoding], dtype=np.int64), stable_lens[one],
+            plan.cached_len[decoding], first_rows[one], offsets[one], num_volatile, starts[decoding], cl_offsets[one])
+        move_rows = [offsets[one][owner] + move_from - stable_lens[one][owner]]
+        move_requests, move_to_slots = [decoding[owner]], [move_to]
+        stable, pieces = [], []
+        for i in np.flatnonzero(plan.num_real[masked] > 1).tolist():
+            row, stable_len, first_row = int(masked[i]), int(stable_lens[i]), int(first_rows[i])
+            chunk = plan.chunk(row)
+            real = np.flatnonzero(chunk.kinds[chunk.kernel_len:] == REAL)  # real tokens after the first <CR>
+            if stable_len and real.size:
+                stable.append((first_row + torch.from_numpy(real), table[row, :cdiv(stable_len, bs)], stable_len))
+            pieces += segments(chunk, first_row, int(offsets[i]), num_volatile, int(starts[row]), int(cl_offsets[i]))
+            if chunk.move_from.size:
+                move_rows.append(int(offsets[i]) + chunk.move_from - stable_len)
+                move_requests.append(np.full(chunk.move_to.size, row, dtype=np.int64))
+                move_to_slots.append(chunk.move_to)
         volatile_slots = cache_slots(table, torch.from_numpy(np.repeat(masked, tail_lens)),
                                      torch.from_numpy(concat_ranges(stable_lens, tail_lens)), bs)
-        none = np.zeros(0, dtype=np.int64)
-        move_rows = torch.from_numpy(np.concatenate(move_rows or [none]))
-        move_slots = cache_slots(table, torch.from_numpy(np.concatenate(move_requests or [none])),
-                                 torch.from_numpy(np.concatenate(move_to_slots or [none])), bs)
+        move_rows = torch.from_numpy(np.concatenate(move_rows))
+        move_slots = cache_slots(table, torch.from_numpy(np.concatenate(move_requests)),
+                                 torch.from_numpy(np.concatenate(move_to_slots)), bs)
         spare = masked_rows.numel()  # the accumulators' extra row, where padding rows land
         groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
                                max_padded=SCORE_BUDGET // self.num_heads)
@@ -388,7 +415,8 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                                          BlockSlots(volatile_slots.to(device), bs),
                                          [pad_stable_group([stable[i] for i in group], spare, device)
                                           for group in stable_groups],
-                                         [pad_group([pieces[i] for i in group], spare, device) for group in groups],
+                                         [pad_group([pieces[i] for i in group], spare, device) for group in groups]
+                                         + unmasked_groups(decode_pieces, SCORE_BUDGET // self.num_heads, device),
                                          move_rows.to(device), move_slots.to(device),
                                          self.step.cl_keys, self.step.cl_values)
 
@@ -405,13 +433,12 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class BlockSlots:
-    """Cache slots, split once by block (the blocks touched, each once; each slot's row among their
-    slots): every layer of a step reads the same slots, so the split is the builder's, not each layer's."""
+    """Cache slots as (block, offset in block), split once: every layer of a step reads the same
+    slots, so the split is the builder's, not each layer's."""
 
     def __init__(self, slots: torch.Tensor, block_size: int):
         self.slots, self.block_size = slots, block_size
-        self.blocks, which = torch.unique(slots // block_size, return_inverse=True)
-        self.rows = which * block_size + slots % block_size
+        self.blocks, self.offsets = slots // block_size, slots % block_size
 
 
 class PagedKVReader:
@@ -424,8 +451,8 @@ class PagedKVReader:
     Kernels tile their blocks (AMX packs pairs of dims and tiles of 16 slots), but each tiling is
     a mixed-radix split of the slot, head and dim axes with a stride per digit, so the cache *is*
     a strided view in (block, slot, head, dim) coordinates (`StridedBlockLayout`): reads index
-    that view by block and slot, no index as large as the data. A layout that is no such split
-    is read through the learned element index instead.
+    that view by block and slot, copying only the slots asked for, with no index as large as the
+    data. A layout that is no such split is read through the learned element index instead.
     """
 
     def __init__(self, write, block_shape: tuple[int, ...], dtype: torch.dtype, block_size: int,
@@ -465,14 +492,11 @@ class PagedKVReader:
         if not isinstance(slots, BlockSlots) or slots.block_size != self.block_size:
             slots = BlockSlots(getattr(slots, "slots", slots), self.block_size)
         if self.k_layout is not None and self.v_layout is not None:
-            # Whole blocks are cheaper than scattered slots (a slot's head dims lie in pieces
-            # across a tiled block): read each block touched once, then pick the slots.
-            return (self.k_layout.read_blocks(kv_cache, slots.blocks)[slots.rows],
-                    self.v_layout.read_blocks(kv_cache, slots.blocks)[slots.rows])
-        blocks, offsets = slots.slots // self.block_size, slots.slots % self.block_size
+            return (self.k_layout.read_slots(kv_cache, slots.blocks, slots.offsets),
+                    self.v_layout.read_slots(kv_cache, slots.blocks, slots.offsets))
         flat = kv_cache.view(kv_cache.shape[0], -1)
-        keys = flat[blocks[:, None, None], self.k_index.to(blocks.device)[offsets]]
-        values = flat[blocks[:, None, None], self.v_index.to(blocks.device)[offsets]]
+        keys = flat[slots.blocks[:, None, None], self.k_index.to(slots.blocks.device)[slots.offsets]]
+        values = flat[slots.blocks[:, None, None], self.v_index.to(slots.blocks.device)[slots.offsets]]
         return keys, values
 
     def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -529,19 +553,40 @@ class StridedBlockLayout:
         return scratch.as_strided([size for size, _ in digits], [stride for _, stride in digits],
                                   self.base).reshape(self.shape)
 
-    def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """`[len(blocks) * block_size, heads, head_size]`: whole blocks copied as they lie (one
-        contiguous run each), then their digits walked in memory order into logical order."""
-        flat = kv_cache.view(kv_cache.shape[0], -1)[blocks]
+    def view(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The whole cache as `[num_blocks, *slot digits, *head digits, *dim digits]` (each axis
+        outermost digit first; `[num_blocks, block_size, heads, head_size]` when no axis is tiled),
+        without a copy: the digits' strides in memory order, permuted into logical order."""
+        flat = kv_cache.view(kv_cache.shape[0], -1)
         digits = self._digits()
         in_memory = sorted(range(len(digits)), key=lambda i: -digits[i][1])
         packed = flat.as_strided([flat.shape[0], *(digits[i][0] for i in in_memory)],
-                                 [flat.stride(0), *(digits[i][1] for i in in_memory)], self.base)
-        logical = packed.permute(0, *(1 + in_memory.index(i) for i in range(len(digits))))
-        # Copied into a fresh tensor: `reshape` may hand back odd strides on size-1 dims (a
-        # single head), which torch's fused CPU attention then misreads.
-        return torch.empty(logical.shape, dtype=logical.dtype, device=logical.device).copy_(logical).view(
-            -1, *self.shape[1:])
+                                 [flat.stride(0), *(digits[i][1] for i in in_memory)], flat.storage_offset() + self.base)
+        return packed.permute(0, *(1 + in_memory.index(i) for i in range(len(digits))))
+
+    def read_slots(self, kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`[n, heads, head_size]`: slot `offsets[i]` of block `blocks[i]`, only those elements copied
+        (on the CPU kernel's layout 2-4x faster than copying the blocks whole and picking slots)."""
+        slot_digits = []
+        for size, _ in self.axes[0]:  # innermost first
+            slot_digits.append(offsets % size)
+            offsets = offsets // size
+        picked = self.view(kv_cache)[(blocks, *reversed(slot_digits))]
+        return _standard(picked.reshape(-1, *self.shape[1:]))
+
+    def read_blocks(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """`[len(blocks) * block_size, heads, head_size]`: whole blocks, slot by slot."""
+        return _standard(self.view(kv_cache)[blocks].reshape(-1, *self.shape[1:]))
+
+
+def _standard(t: torch.Tensor) -> torch.Tensor:
+    """`t` with row-major strides, copied only if it has others: torch's fused CPU attention
+    misreads odd strides, even on size-1 dims (a single head), where `contiguous()` sees none."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    return t if list(t.stride()) == expected[::-1] else torch.empty(t.shape, dtype=t.dtype).copy_(t)
 
 
 _readers: dict[tuple, PagedKVReader] = {}
