@@ -162,10 +162,15 @@ class KVLayout:
         compacts, also p(c) plus its real tokens up to the first closing: those tokens see the
         uncompacted cache and themselves, so the kernel attends them there, stored after p(c)
         for the step (backend.py), before the compaction rewrites the tail."""
-        if not self.compresses or self.num_closed(n) == self.num_closed(computed):
-            return self.physical_len(n)
-        first_close = self.close_token(self.num_closed(computed))
-        return max(self.physical_len(n), self.physical_len(computed) + first_close - computed + 1)
+        if not self.compresses:
+            return n
+        # k(n) and k(c) once each: the scheduler's KV manager asks this of every request every step.
+        closed, closed_before = self.num_closed(n), self.num_closed(computed)
+        physical = n - (self.span - 1) * closed  # p(n)
+        if closed == closed_before:
+            return physical
+        first_close = self.close_token(closed_before)
+        return max(physical, computed - (self.span - 1) * closed_before + first_close - computed + 1)
 
     def peak_step_len(self, n: int) -> int:
         """max `step_len` over the steps of any chunking on the way to n real tokens: the peak

@@ -119,8 +119,9 @@ class PhysicalBlockHashes:
 
     def forget_tails_before(self, version: int) -> None:
         """A running request never asks again for the tails of versions it has left."""
-        for old in [v for v in self.tails if v < version]:
-            del self.tails[old]
+        if self.tails and min(self.tails) < version:  # asked every step; a version is left every L + G tokens
+            for old in [v for v in self.tails if v < version]:
+                del self.tails[old]
 
 
 def longest_hit(hashes: PhysicalBlockHashes, max_tokens: int, lookup, partial_states=None) -> tuple[int, list]:
