@@ -93,6 +93,16 @@ def cmd_batch(args) -> None:
     print(f"{summary['rows']} rows written to {summary['output']} ({summary['failed']} failed)")
 
 
+BENCH_DTYPE_HELP = ("both engines' dtype; default: bfloat16 for the dummy-weight model (a served model's dtype), "
+                    "the model's own otherwise. float32 on CPUs without bf16 arithmetic (AVX2 only), where "
+                    "bfloat16 runs emulated, several times slower")
+
+
+def bench_dtype(args, dummy: bool) -> str:
+    """`--dtype` if given, else bf16 for the dummy-weight model and the model's own for others."""
+    return args.dtype or ("bfloat16" if dummy else "auto")
+
+
 def cmd_bench(args) -> None:
     from pathlib import Path
 
@@ -121,7 +131,7 @@ def cmd_bench(args) -> None:
             return
     for label, model in models:
         dummy = label == "dummy"
-        dtype = args.dtype or ("bfloat16" if dummy else "auto")
+        dtype = bench_dtype(args, dummy)
         report = bench(model, args.out, workloads, quick=args.quick, dtype=dtype,
                        load_format="dummy" if dummy else "auto", enforce_eager=args.enforce_eager, label=label)
         print(f"{label}: {report['seconds']:.0f} s; results in {args.out}/bench-{label}.json and .png")
@@ -135,9 +145,9 @@ def cmd_bench_chat(args) -> None:
 
     if args.model is None:
         model, label, dtype, load_format = str(realistic_dummy_model(Path(args.out) / "model-dummy")), "dummy", \
-            args.dtype or "bfloat16", "dummy"
+            bench_dtype(args, True), "dummy"
     else:
-        model, label, dtype, load_format = args.model, Path(args.model).name, args.dtype or "auto", "auto"
+        model, label, dtype, load_format = args.model, Path(args.model).name, bench_dtype(args, False), "auto"
     label += f"-w{args.window}" if args.window is not None else ""
     report = bench_chat(model, args.out, quick=args.quick, window=args.window, dtype=dtype, load_format=load_format,
                         label=label, enforce_eager=args.enforce_eager)
@@ -271,10 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default="kv-bound,overhead,prefill,long-gen,span-sweep,long-prompt",
                    help="comma-separated; long-prompt runs its own 32k-position model, one engine per process")
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--dtype", default=None,
-                   help="both engines' dtype; default: bfloat16 for the dummy-weight model (a served model's dtype), "
-                        "the model's own otherwise. float32 on CPUs without bf16 arithmetic (AVX2 only), where "
-                        "bfloat16 runs emulated, several times slower")
+    p.add_argument("--dtype", default=None, help=BENCH_DTYPE_HELP)
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="both engines eager, without torch.compile (faster start; vLLM's default, which users run, "
@@ -290,10 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="a recent window for every sentinel request "
                    "(default: the model's schedule)")
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--dtype", default=None,
-                   help="both engines' dtype; default: bfloat16 for the dummy-weight model (a served model's dtype), "
-                        "the model's own otherwise. float32 on CPUs without bf16 arithmetic (AVX2 only), where "
-                        "bfloat16 runs emulated, several times slower")
+    p.add_argument("--dtype", default=None, help=BENCH_DTYPE_HELP)
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="both engines eager, without torch.compile (faster start; vLLM's default, which users run, "

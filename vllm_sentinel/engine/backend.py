@@ -231,7 +231,7 @@ class MaskedGroup:
 
     query_rows: torch.Tensor  # [G, Q] masked rows; padding: the spare row (the step's masked row count)
     keys: torch.Tensor        # [G, K] indices into the key bank (padding: 0, never visible)
-    mask: FoldMask            # [G, Q, K]
+    mask: FoldMask | None     # [G, Q, K]; None: every row sees every key
 
 
 def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
@@ -257,9 +257,8 @@ def unmasked_groups(pieces: list[tuple[np.ndarray, np.ndarray]], max_padded: int
         per_group = max(1, max_padded // keys.shape[1])
         for first in range(0, rows.size, per_group):
             part = slice(first, first + per_group)
-            visible = torch.ones((keys[part].shape[0], 1, keys.shape[1]), dtype=torch.bool, device=device)
             groups.append(MaskedGroup(torch.from_numpy(rows[part, None]).to(device),
-                                      torch.from_numpy(keys[part]).to(device), FoldMask(visible)))
+                                      torch.from_numpy(keys[part]).to(device), None))
     return groups
 
 
