@@ -31,14 +31,41 @@ def assert_stable_prefix(chunk, seen):
     q = chunk.num_tokens  # one piece's rows at a time, as the backend asks, are the same rows
     a, b = q // 3, max(q // 3 + 1, 2 * q // 3)
     assert torch.equal(chunk.visibility(stable, rows=(a, b)), seen[a:b, stable: chunk.cached_len + b])
-    for rows in ((0, q), (a, b), (q - 1, q)):  # visible_keys: the same, less the columns no row sees
-        want = seen[rows[0]: rows[1], stable: chunk.cached_len + rows[1]]
-        shown = want.any(0).nonzero().squeeze(1)
-        keys, part = chunk.visible_keys(stable, rows)
-        assert torch.equal(keys, shown) and torch.equal(part, want[:, shown])
+    if not chunk.is_plain:
+        assert_folds_cover(chunk, seen[:, stable:])
     touched = np.concatenate([chunk.slots[chunk.slots >= 0], chunk.move_from, chunk.move_to])
     assert (touched >= stable).all()
     assert chunk.cached_len - stable <= chunk.layout.span + chunk.layout.window + chunk.layout.gap
+
+def assert_folds_cover(chunk, seen):
+    """The backend's folds of a compacting chunk's masked rows (`chunk_folds`: blocks of real rows
+    against interval-selected keys, and each <CR> against its span, itself and its <CL>) attend
+    every pair the dense visibility shows exactly once, and no other pair. Key-bank rows are
+    numbered as the chunk's keys here (volatile tail, then its tokens); <CL>s from CL on."""
+    from vllm_sentinel.engine.backend import BLOCK_ROWS, chunk_folds
+
+    skip, cl = chunk.kernel_len, 10 ** 6
+    cached = seen.shape[1] - chunk.num_tokens
+    for block_rows in (3, BLOCK_ROWS):  # several blocks per chunk, and the engine's size
+        assert_folds_cover_in_blocks(chunk, seen, chunk_folds(chunk, skip, 0, cached, 0, cl, block_rows), cl)
+
+
+def assert_folds_cover_in_blocks(chunk, seen, folds, cl):
+    skip = chunk.kernel_len
+    count = torch.zeros(seen.shape, dtype=torch.long)
+    for rows, keys, visible in zip(folds.rows, folds.keys, folds.visible):
+        assert not visible[rows < 0].any() and not visible[:, keys < 0].any()
+        for row, seen_keys in zip(rows[rows >= 0], visible[rows >= 0]):
+            assert chunk.kinds[row] == REAL
+            count[row, keys[seen_keys]] += 1
+    crs = np.flatnonzero(chunk.kinds == CR)
+    assert folds.cr_rows.tolist() == crs.tolist()
+    assert folds.cr_keys[:, -1].tolist() == list(range(cl, cl + crs.size))  # each <CR>'s own <CL>
+    for row, keys in zip(folds.cr_rows, folds.cr_keys[:, :-1]):
+        count[row, keys] += 1
+    count[:skip] = seen[:skip].long()  # the kernel's rows
+    assert torch.equal(count, seen.long())
+
 
 def stream_for(schedule: ScheduleConfig, n: int):
     return build_stream(torch.arange(n), ScheduledSpans(schedule).spans(n), cl_id=-1, cr_id=-2)
@@ -398,27 +425,33 @@ def test_folds_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
     from vllm_sentinel.engine.backend import FoldMask, OnlineSoftmax
 
     torch.manual_seed(0)
-    rows, kv_heads, per_kv, dim, keys = 7, 2, 3, 16, 40
+    rows, kv_heads, per_kv, dim, keys = 7, 2, 3, 16, 48
     q = torch.randn(rows + 1, kv_heads, per_kv, dim)
     k, v = torch.randn(keys, kv_heads, dim), torch.randn(keys, kv_heads, dim)
     visible = torch.rand(rows, keys) < 0.5
     visible[:, 0] = True
     index = torch.tensor([[0, 1, 2, 3], [4, 5, 6, -1]])  # two members; -1 pads onto the spare row
     index = torch.where(index >= 0, index, rows)
-    state = OnlineSoftmax(rows + 1, kv_heads, per_kv, dim, "cpu")
+    scale = 0.7
+    state = OnlineSoftmax(q, scale)
     seen = torch.cat([visible, torch.ones(1, keys, dtype=torch.bool)])
     for first in range(0, 30, 8):  # keys [0, 30) in tiles, member 1 sees a shorter prefix of them
         tile = slice(first, min(first + 8, 30))
         length = torch.tensor([30, 12])
         member_mask = (torch.arange(tile.start, tile.stop) < length[:, None])[:, None, :] & seen[index][:, :, tile]
-        state.fold(index, q[index], k[tile].expand(2, -1, -1, -1), v[tile].expand(2, -1, -1, -1), FoldMask(member_mask))
-    state.fold(torch.tensor([[2, 5]]), q[[2, 5]].unsqueeze(0), k[30:].unsqueeze(0), v[30:].unsqueeze(0),
-               FoldMask(seen[[2, 5]][:, 30:].unsqueeze(0)))  # rows 2 and 5 also see keys [30, 40)
+        state.fold(index, k[tile].expand(2, -1, -1, -1), v[tile].expand(2, -1, -1, -1), FoldMask(member_mask))
+    state.fold(torch.tensor([[2, 5]]), k[30:40].unsqueeze(0), v[30:40].unsqueeze(0),
+               FoldMask(seen[[2, 5]][:, 30:40].unsqueeze(0)))  # rows 2 and 5 also see keys [30, 40)
+    # A mask shared by a member's rows ([G, 1, K], as stable-prefix tiles make): member 0 sees
+    # keys [40, 45), member 1 none of this tile (a fold that must weigh nothing for its rows).
+    shared = (torch.arange(40, 48) < torch.tensor([45, 40])[:, None])[:, None, :]
+    state.fold(index, k[40:].expand(2, -1, -1, -1), v[40:].expand(2, -1, -1, -1), FoldMask(shared))
     expected_visible = visible.clone()
     expected_visible[:, 30:] = False
-    expected_visible[[2, 5], 30:] = visible[[2, 5], 30:]
+    expected_visible[[2, 5], 30:40] = visible[[2, 5], 30:40]
+    expected_visible[:4, 40:45] = True
     expected_visible[4:, 12:30] = False
-    scores = torch.einsum("rhjd,khd->rhjk", q[:rows], k).masked_fill(~expected_visible[:, None, None, :], float("-inf"))
+    scores = scale * torch.einsum("rhjd,khd->rhjk", q[:rows], k).masked_fill(~expected_visible[:, None, None, :], float("-inf"))
     expected = torch.einsum("rhjk,khd->rhjd", torch.softmax(scores, -1), v)
     assert torch.allclose(state.result()[:rows], expected, atol=1e-5)
 
@@ -434,7 +467,7 @@ def test_compacting_decode_steps_need_no_plan():
     step at once) gives what planning each chunk gives: the `<CR>`'s piece (row, keys, every key
     visible) and the moves, for every such step of periodic, windowed and marked layouts, batched
     together with different spans and offsets."""
-    from vllm_sentinel.engine.backend import closing_decodes, segments
+    from vllm_sentinel.engine.backend import chunk_folds, closing_decodes
 
     layouts = [KVLayout(s) for s in LAYOUTS] + [KVLayout(ScheduleConfig(s.sink, s.span, s.gap, s.window))
                                                 for s in WINDOWED]
@@ -451,8 +484,8 @@ def test_compacting_decode_steps_need_no_plan():
     got = {int(row): keys.tolist() for rows, keys in pieces for row, keys in zip(rows, keys)}
     assert len(got) == n
     for i, (layout, c, chunk) in enumerate(cases):
-        [want] = segments(chunk, int(first_row[i]), int(volatile[i]), fresh, int(start[i]), int(cl[i]))
-        assert chunk.kernel_len == 1 and want.query_rows.tolist() == [first_row[i]] and bool(want.visible.all())
-        assert got[int(first_row[i])] == want.keys.tolist(), (layout, c)
+        want = chunk_folds(chunk, int(first_row[i]), int(volatile[i]), fresh, int(start[i]), int(cl[i]))
+        assert chunk.kernel_len == 1 and want.sizes.size == 0 and want.cr_rows.tolist() == [first_row[i]]
+        assert got[int(first_row[i])] == want.cr_keys[0].tolist(), (layout, c)
         assert move_from[owner == i].tolist() == chunk.move_from.tolist(), (layout, c)
         assert move_to[owner == i].tolist() == chunk.move_to.tolist(), (layout, c)

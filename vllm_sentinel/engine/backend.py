@@ -47,6 +47,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 from ..masks import CR, REAL
 from .kv_cache_manager import SentinelAttentionSpec
 from .layout import cdiv
+from .plan import NEVER
 
 
 class SentinelAttentionBackend(CPUAttentionBackend):
@@ -109,62 +110,113 @@ def group_by_size(sizes: list[tuple[int, int]], max_padded: int | None = None) -
     return groups + [current] if current else groups
 
 
+# Real rows of a compacting chunk are attended in blocks of this many consecutive rows, each block
+# against the keys any of its rows sees. Those keys are the chunk's `<CR>`s and other keys every
+# later row sees (a staircase: the work the mask asks for), and a band of raw span tokens at most
+# BLOCK_ROWS + L + W long, of which each row sees its own span's (and the window's). On the realistic
+# shape's prefill (16 x 1,536 tokens, bf16) 32 rows beat 16 and 64 (docs/results.md, stop 31).
+BLOCK_ROWS = 32
+FOREVER = 1 << 62  # where a `<CR>`'s rows end: every later real row sees it
+
+
 @dataclass
-class Segment:
-    """Consecutive queries of a masked chunk and the volatile or chunk keys any of them may see."""
+class ChunkFolds:
+    """The masked rows of one compacting chunk, as the folds that attend them (`chunk_folds`)."""
 
-    query_rows: torch.Tensor  # [q] rows in the step's masked rows (the accumulators' index)
-    keys: torch.Tensor        # [k] indices into the step's key bank: volatile tails, this step's tokens, <CL>s
-    visible: torch.Tensor     # [q, k] bool
-
-
-# Rows a piece gathers its keys for, at least (it ends at a <CR>): its keys are the union of what its
-# rows see, so a longer piece gathers fewer keys per row (the window and the <CR>s before it are
-# shared) but attends more hidden ones. On the tiny model's prefill 128 halves the masked path's time
-# against cutting after each <CR> (docs/results.md, "Masked prefill").
-PIECE_ROWS = 128
+    rows: np.ndarray      # [B, R] masked row of each block's real rows; -1: padding
+    keys: np.ndarray      # [B, K] key-bank rows of each block's keys; -1: padding
+    visible: np.ndarray   # [B, R, K] bool
+    sizes: np.ndarray     # [B] keys per block (the rest of K is padding)
+    cr_rows: np.ndarray   # [C] masked row of each <CR>
+    cr_keys: np.ndarray   # [C, L + 2] its span's L tokens, itself and its <CL>: all visible
 
 
-def segments(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
-             cl_offset: int) -> list[Segment]:
+def chunk_folds(chunk, first_row: int, volatile_offset: int, fresh_offset: int, start: int,
+                cl_offset: int, block_rows: int = BLOCK_ROWS) -> ChunkFolds:
     """The masked rows of a chunk (from its first `<CR>` on; the kernel attends the tokens before
-    it), in pieces of about PIECE_ROWS rows cut after a `<CR>`. Every token sees the stable prefix
-    (attended apart), and of the volatile tail and the chunk only what the mask shows it: gathering
-    each piece's visible keys keeps the work near the true visible set, instead of the chunk's full square.
+    it) without a mask evaluated per pair. The chunk's keys are its volatile tail (cached slots
+    after the stable prefix, which is attended apart) and its tokens. By the semantics a real row
+    sees a real key from the key itself until that key's span closes (its `<CR>` in this chunk),
+    and a `<CR>` from the `<CR>` on: every key is seen by an interval of rows. So
+    - keys no `<CR>` of this chunk closes are seen by every later real row: for a block of rows,
+      a prefix of them (in key order);
+    - the tokens of spans closing in this chunk have intervals ordered like the keys: for a block,
+      a contiguous run of them;
+    - a `<CR>` sees its span's L tokens, itself and its `<CL>` (`cl_offset` and on, one per `<CR>`
+      in order), all of them: no mask.
 
-    `first_row`: the chunk's first masked row among the step's masked rows; `start`: its first row
-    in the batch (where its keys sit among this step's tokens); `cl_offset`: where the bank holds
-    the `<CL>` key of its first `<CR>` (each `<CR>` sees its `<CL>`, a constant)."""
+    `first_row`: the chunk's first masked row among the step's masked rows; `volatile_offset`,
+    `fresh_offset + start`: where the key bank holds its volatile tail and its first token."""
     stable = chunk.stable_len
-    volatile = chunk.cached_len - stable
+    kinds, _, close = chunk.key_table(stable)
+    cached = chunk.cached_len - stable
     skip = chunk.kernel_len
-    ends = (np.flatnonzero(chunk.kinds == CR) + 1).tolist()  # ends[0] = skip + 1
-    bounds = [skip]
-    for end in ends:
-        if end - bounds[-1] >= PIECE_ROWS or end == ends[-1]:
-            bounds.append(end)
-    if bounds[-1] < chunk.num_tokens:
-        bounds.append(chunk.num_tokens)
-    pieces = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        columns, visible = chunk.visible_keys(stable, (a, b))
-        keys = torch.where(columns < volatile, volatile_offset + columns, fresh_offset + start + columns - volatile)
-        closings = np.flatnonzero(chunk.kinds[a:b] == CR)
-        if closings.size:  # each <CR> also sees its own <CL>: one column per <CR>, visible to it alone
-            keys = torch.cat([keys, torch.arange(cl_offset, cl_offset + closings.size)])
-            cl_columns = torch.zeros((b - a, closings.size), dtype=torch.bool)
-            cl_columns[torch.from_numpy(closings), torch.arange(closings.size)] = True
-            visible = torch.cat([visible, cl_columns], dim=1)
-            cl_offset += closings.size
-        pieces.append(Segment(torch.arange(first_row + a - skip, first_row + b - skip), keys, visible))
-    return pieces
+    is_real = kinds == REAL
+    ends = np.where(is_real, close, FOREVER)  # the first row (key index) that no longer sees each key
+    closing = np.flatnonzero(is_real & (close < NEVER))
+    always = np.flatnonzero(ends >= NEVER)  # <CR>s, and real keys not closed in this chunk
+
+    rows = cached + np.flatnonzero(kinds[cached + skip:] == REAL) + skip
+    num_blocks = cdiv(rows.size, block_rows)
+    blocked = np.full(num_blocks * block_rows, -1, dtype=np.int64)
+    blocked[: rows.size] = rows
+    blocked = blocked.reshape(num_blocks, block_rows)
+    first, last = blocked[:, 0], rows[np.minimum(np.arange(1, num_blocks + 1) * block_rows, rows.size) - 1]
+    num_always = np.searchsorted(always, last, side="right")
+    band_from = np.searchsorted(ends[closing], first, side="right")
+    band_to = np.maximum(np.searchsorted(closing, last, side="right"), band_from)
+    sizes = num_always + band_to - band_from
+    # A block's keys: the first `num_always` of `always`, then closing[band_from:band_to]; -1 pads.
+    width = int(sizes.max(initial=0))
+    column = np.broadcast_to(np.arange(width), (num_blocks, width))
+    from_always = column < num_always[:, None]
+    in_band = ~from_always & (column < sizes[:, None])
+    keys = np.full(column.shape, -1, dtype=np.int64)
+    keys[from_always] = always[column[from_always]]
+    keys[in_band] = closing[(band_from[:, None] + column - num_always[:, None])[in_band]]
+    key_end = np.where(keys >= 0, ends[keys.clip(min=0)], 0)
+    visible = (keys[:, None, :] >= 0) & (keys[:, None, :] <= blocked[:, :, None]) \
+        & (blocked[:, :, None] < key_end[:, None, :]) & (blocked[:, :, None] >= 0)
+
+    def bank(key):
+        return np.where(key < cached, volatile_offset + key, fresh_offset + start + key - cached)
+
+    crs = np.flatnonzero(kinds[cached:] == CR)
+    span = chunk.layout.span
+    if closing.size != crs.size * span:
+        raise AssertionError("the tokens of the spans a chunk compacts are not L per <CR>")
+    cr_keys = np.concatenate([bank(closing).reshape(crs.size, span), bank(cached + crs)[:, None],
+                              cl_offset + np.arange(crs.size)[:, None]], axis=1)
+    masked_row = first_row - skip - cached
+    return ChunkFolds(np.where(blocked >= 0, blocked + masked_row, -1), np.where(keys >= 0, bank(keys), -1),
+                      visible, sizes, crs + first_row - skip, cr_keys)
+
+
+def pad_blocks(folds: list[ChunkFolds], spare: int, max_padded: int, device) -> list["MaskedGroup"]:
+    """The real-row blocks of a step's compacting chunks, in padded groups of similar key counts."""
+    sizes = np.concatenate([f.sizes for f in folds])
+    width = int(sizes.max())
+    rows = np.concatenate([f.rows for f in folds])
+    keys = np.concatenate([np.pad(f.keys, ((0, 0), (0, width - f.keys.shape[1])), constant_values=-1) for f in folds])
+    visible = np.concatenate([np.pad(f.visible, ((0, 0), (0, 0), (0, width - f.keys.shape[1]))) for f in folds])
+    padding = rows < 0
+    rows = np.where(padding, spare, rows)
+    visible[:, :, 0] |= padding  # padding rows attend somewhere (their output is dropped), so no NaN
+    groups = []
+    for group in group_by_size([(rows.shape[1], int(size)) for size in sizes], max_padded=max_padded):
+        group = np.asarray(group)
+        k = int(sizes[group].max())
+        groups.append(MaskedGroup(torch.from_numpy(rows[group]).to(device),
+                                  torch.from_numpy(keys[group, :k].clip(min=0)).to(device),
+                                  FoldMask(torch.from_numpy(visible[group, :, :k]).to(device))))
+    return groups
 
 
 def closing_decodes(span: np.ndarray, window: np.ndarray, stable: np.ndarray, cached: np.ndarray,
                     first_row: np.ndarray, volatile_offset: np.ndarray, fresh_offset: int, start: np.ndarray,
                     cl_offset: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray, np.ndarray]:
     """One-token chunks [t, <CR>] that compact a span (most steps that compact: decode), for all
-    such requests of a step at once and without planning them: what `plan_chunk`, `segments` and
+    such requests of a step at once and without planning them: what `plan_chunk`, `chunk_folds` and
     `KVLayout.moves` give each (tested). t is attended by the kernel; the `<CR>` sees its span,
     itself and its `<CL>`, all of them, so no mask. The span lies raw at the volatile tail's front
     (from `stable`, `KVLayout.final_len`): all L tokens cached if W > 0; with W = 0 t is its last
@@ -227,34 +279,24 @@ class FoldMask:
 
 @dataclass
 class MaskedGroup:
-    """Segments attended together in one padded call."""
+    """Blocks of masked rows attended together in one padded call."""
 
     query_rows: torch.Tensor  # [G, Q] masked rows; padding: the spare row (the step's masked row count)
     keys: torch.Tensor        # [G, K] indices into the key bank (padding: 0, never visible)
     mask: FoldMask | None     # [G, Q, K]; None: every row sees every key
 
 
-def pad_group(pieces: list[Segment], spare: int, device) -> MaskedGroup:
-    q_max = max(piece.query_rows.numel() for piece in pieces)
-    k_max = max(piece.keys.numel() for piece in pieces)
-    query_rows = torch.full((len(pieces), q_max), spare, dtype=torch.long)
-    keys = torch.zeros((len(pieces), k_max), dtype=torch.long)
-    visible = torch.zeros((len(pieces), q_max, k_max), dtype=torch.bool)
-    visible[:, :, 0] = True  # padding rows attend somewhere (their output is dropped), so no NaN
-    for i, piece in enumerate(pieces):
-        q, k = piece.query_rows.numel(), piece.keys.numel()
-        query_rows[i, :q], keys[i, :k] = piece.query_rows, piece.keys
-        visible[i, :q] = False
-        visible[i, :q, :k] = piece.visible
-    return MaskedGroup(query_rows.to(device), keys.to(device), FoldMask(visible.to(device)))
-
-
 def unmasked_groups(pieces: list[tuple[np.ndarray, np.ndarray]], max_padded: int, device) -> list[MaskedGroup]:
-    """Single-row pieces that see all their keys (`closing_decodes`), as groups of at most
-    `max_padded` scores: no padding, no mask."""
-    groups = []
+    """Single-row pieces that see all their keys (`<CR>`s: `closing_decodes`, `chunk_folds`), as
+    groups of at most `max_padded` scores, one width of key rows each: no padding, no mask."""
+    widths: dict[int, list] = {}
     for rows, keys in pieces:
-        per_group = max(1, max_padded // keys.shape[1])
+        if rows.size:
+            widths.setdefault(keys.shape[1], []).append((rows, keys))
+    groups = []
+    for width, parts in widths.items():
+        rows, keys = np.concatenate([r for r, _ in parts]), np.concatenate([k for _, k in parts])
+        per_group = max(1, max_padded // width)
         for first in range(0, rows.size, per_group):
             part = slice(first, first + per_group)
             groups.append(MaskedGroup(torch.from_numpy(rows[part, None]).to(device),
@@ -387,14 +429,17 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             plan.cached_len[decoding], first_rows[one], offsets[one], num_volatile, starts[decoding], cl_offsets[one])
         move_rows = [offsets[one][owner] + move_from - stable_lens[one][owner]]
         move_requests, move_to_slots = [decoding[owner]], [move_to]
-        stable, pieces = [], []
+        stable, blocks = [], []
         for i in np.flatnonzero(plan.num_real[masked] > 1).tolist():
             row, stable_len, first_row = int(masked[i]), int(stable_lens[i]), int(first_rows[i])
             chunk = plan.chunk(row)
-            real = np.flatnonzero(chunk.kinds[chunk.kernel_len:] == REAL)  # real tokens after the first <CR>
-            if stable_len and real.size:
-                stable.append((first_row + torch.from_numpy(real), table[row, :cdiv(stable_len, bs)], stable_len))
-            pieces += segments(chunk, first_row, int(offsets[i]), num_volatile, int(starts[row]), int(cl_offsets[i]))
+            folds = chunk_folds(chunk, first_row, int(offsets[i]), num_volatile, int(starts[row]), int(cl_offsets[i]))
+            if stable_len and folds.rows.size:
+                real = folds.rows[folds.rows >= 0]  # real tokens after the first <CR>
+                stable.append((torch.from_numpy(real), table[row, :cdiv(stable_len, bs)], stable_len))
+            if folds.sizes.size:
+                blocks.append(folds)
+            decode_pieces.append((folds.cr_rows, folds.cr_keys))
             if chunk.move_from.size:
                 move_rows.append(int(offsets[i]) + chunk.move_from - stable_len)
                 move_requests.append(np.full(chunk.move_to.size, row, dtype=np.int64))
@@ -405,17 +450,15 @@ class SentinelAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         move_slots = cache_slots(table, torch.from_numpy(np.concatenate(move_requests)),
                                  torch.from_numpy(np.concatenate(move_to_slots)), bs)
         spare = masked_rows.numel()  # the accumulators' extra row, where padding rows land
-        groups = group_by_size([(piece.query_rows.numel(), piece.keys.numel()) for piece in pieces],
-                               max_padded=SCORE_BUDGET // self.num_heads)
-        stable_groups = group_by_size([(rows.numel(), length) for rows, _, length in stable],
-                                      max_padded=SCORE_BUDGET // self.num_heads)
+        budget = SCORE_BUDGET // self.num_heads
+        stable_groups = group_by_size([(rows.numel(), length) for rows, _, length in stable], max_padded=budget)
         return SentinelAttentionMetadata(cm.num_actual_tokens, cm.slot_mapping, kernel_slots, kernel,
                                          kernel_rows.to(device), masked_rows.to(device), final_rows.to(device),
                                          BlockSlots(volatile_slots.to(device), bs),
                                          [pad_stable_group([stable[i] for i in group], spare, device)
                                           for group in stable_groups],
-                                         [pad_group([pieces[i] for i in group], spare, device) for group in groups]
-                                         + unmasked_groups(decode_pieces, SCORE_BUDGET // self.num_heads, device),
+                                         (pad_blocks(blocks, spare, budget, device) if blocks else [])
+                                         + unmasked_groups(decode_pieces, budget, device),
                                          move_rows.to(device), move_slots.to(device),
                                          self.step.cl_keys, self.step.cl_values)
 
@@ -642,32 +685,31 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         super().forward(layer, query[rows], key, value, kv_cache, meta.kernel, kernel_output)
         output[rows] = kernel_output
         final = meta.final_rows
-        self.do_kv_cache_update(layer, key[final], value[final], kv_cache, meta.slot_mapping[final])
+        self.do_kv_cache_update(layer, key.index_select(0, final), value.index_select(0, final), kv_cache,
+                                meta.slot_mapping.index_select(0, final))
         if meta.move_rows.numel():  # window > 0: the raw tokens after a compacted span close the gap it left
             self.do_kv_cache_update(layer, volatile_k[meta.move_rows].to(key.dtype),
                                     volatile_v[meta.move_rows].to(value.dtype), kv_cache, meta.move_slots)
         if meta.masked_rows.numel():
             bank_k = torch.cat([volatile_k.to(key.dtype), key[:n], meta.cl_keys[layer.layer_name].to(key.dtype)])
             bank_v = torch.cat([volatile_v.to(value.dtype), value[:n], meta.cl_values[layer.layer_name].to(value.dtype)])
-            output[meta.masked_rows] = self._masked_attention(layer, query, kv_cache, meta, bank_k, bank_v).to(
-                output.dtype).view(-1, *output.shape[1:])
+            attended = self._masked_attention(layer, query, kv_cache, meta, bank_k, bank_v)
+            output.index_copy_(0, meta.masked_rows, attended.to(output.dtype).view(-1, *output.shape[1:]))
         return output
 
     def _masked_attention(self, layer, query, kv_cache, meta: SentinelAttentionMetadata, bank_k, bank_v):
         """Attention of the masked rows, `[M, heads, head_size]` in fp32: one online softmax per row
-        over its stable prefix (tiles of whole blocks) and its pieces (volatile tail and chunk)."""
+        over its stable prefix (tiles of whole blocks) and its block of keys (volatile tail and chunk)."""
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_size
         per_kv = heads // kv_heads
         rows = meta.masked_rows.numel()
         # One spare row takes the padding rows of every group.
         dtype = query.dtype if FOLD_DTYPE == "model" else torch.float32
-        q = torch.zeros((rows + 1, kv_heads, per_kv, dim), dtype=dtype, device=query.device)
-        q[:rows] = (query[meta.masked_rows].view(rows, kv_heads, per_kv, dim).float() * self.scale).to(dtype)
-        state = OnlineSoftmax(rows + 1, kv_heads, per_kv, dim, query.device)
+        queries = query.index_select(0, meta.masked_rows).view(rows, kv_heads, per_kv, dim)
+        state = OnlineSoftmax(torch.cat([queries, queries[:1]]).to(dtype), self.scale)
         reader = self._reader(layer, kv_cache) if meta.stable else None
         block_size = reader.block_size if reader else 0
         for group in meta.stable:
-            queries = q[group.rows]
             per_tile = max(1, SCORE_BUDGET // (group.rows.numel() * heads * block_size))
             for first in range(0, group.blocks.shape[1], per_tile):
                 tile = group.blocks[:, first: first + per_tile]
@@ -676,11 +718,12 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
                 # Every request's first tile holds at least one of its keys, so no row is left with
                 # nothing to attend to; a later tile past a short prefix folds in nothing.
                 seen = first * block_size + torch.arange(k.shape[1], device=k.device) < group.lengths[:, None]
-                state.fold(group.rows, queries, k.to(dtype), v.to(dtype),
-                           None if bool(seen.all()) else FoldMask(seen[:, None, :]))
+                state.fold(group.rows, k.to(dtype), v.to(dtype), None if bool(seen.all()) else FoldMask(seen[:, None, :]))
+        bank_k, bank_v = bank_k.to(dtype), bank_v.to(dtype)
         for group in meta.masked:
-            state.fold(group.query_rows, q[group.query_rows], bank_k[group.keys].to(dtype), bank_v[group.keys].to(dtype),
-                       group.mask)
+            keys = group.keys.reshape(-1)
+            state.fold(group.query_rows, bank_k.index_select(0, keys).view(*group.keys.shape, kv_heads, dim),
+                       bank_v.index_select(0, keys).view(*group.keys.shape, kv_heads, dim), group.mask)
         return state.result()[:rows].view(rows, heads, dim)
 
 
@@ -689,33 +732,40 @@ class OnlineSoftmax:
     torch's fused CPU attention kernel, which also returns the log-sum-exp, and folds are merged
     by it (the normalised output and its log-sum-exp are the running state)."""
 
-    def __init__(self, rows: int, kv_heads: int, per_kv: int, dim: int, device):
-        self.lse = torch.full((rows, kv_heads, per_kv), float("-inf"), device=device)
-        self.out = torch.zeros((rows, kv_heads, per_kv, dim), device=device)
+    def __init__(self, queries: torch.Tensor, scale: float):
+        """queries [rows, Hkv, g, D]: every row a fold may ask for (the spare padding row too)."""
+        rows, kv_heads, per_kv, dim = queries.shape
+        self.queries, self.scale = queries, scale
+        self.lse = torch.full((rows, kv_heads, per_kv), float("-inf"), device=queries.device)
+        self.out = torch.zeros((rows, kv_heads, per_kv, dim), device=queries.device)
 
-    def fold(self, index, q, k, v, mask: FoldMask | None) -> None:
-        """index [G, Q] rows (distinct, but for the spare padding row); q [G, Q, Hkv, g, D], pre-scaled;
-        k, v [G, K, Hkv, D]; mask None: all visible."""
+    def fold(self, index, k, v, mask: FoldMask | None) -> None:
+        """index [G, Q] rows (distinct, but for the spare padding row); k, v [G, K, Hkv, D], in the
+        queries' dtype; mask None: all visible."""
         if mask is not None and mask.all_seen():
             mask = None
-        groups, queries, kv_heads, per_kv, dim = q.shape
+        groups, queries = index.shape
+        _, kv_heads, per_kv, dim = self.queries.shape
+        flat = index.reshape(-1)
         # Grouped-query attention as plain attention: a KV head's query heads become extra rows.
-        rows = q.permute(0, 2, 1, 3, 4).reshape(groups, kv_heads, queries * per_kv, dim)
+        rows = self.queries.index_select(0, flat).view(groups, queries, kv_heads, per_kv, dim).transpose(1, 2)
+        rows = rows.reshape(groups, kv_heads, queries * per_kv, dim)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             rows, k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
-            attn_mask=None if mask is None else mask.additive(rows.dtype, per_kv), scale=1.0)
-        out = out.float().view(groups, kv_heads, queries, per_kv, dim).permute(0, 2, 1, 3, 4)
-        lse = lse.view(groups, kv_heads, queries, per_kv).permute(0, 2, 1, 3)
+            attn_mask=None if mask is None else mask.additive(rows.dtype, per_kv), scale=self.scale)
+        out = out.view(groups, kv_heads, queries, per_kv, dim).transpose(1, 2).reshape(-1, kv_heads, per_kv, dim)
+        lse = lse.view(groups, kv_heads, queries, per_kv).transpose(1, 2).reshape(-1, kv_heads, per_kv)
         if mask is not None:  # the kernel reports 0 for a row that sees nothing; it weighs nothing
-            lse = lse.masked_fill(mask.blind()[:, :, None, None], float("-inf"))
-        old = self.lse[index]
+            lse = lse.masked_fill(mask.blind().expand(groups, queries).reshape(-1)[:, None, None], float("-inf"))
+        old = self.lse.index_select(0, flat)
         if bool(torch.isneginf(old).all()):  # the rows' first fold (a fresh prefill's only one)
-            self.out[index], self.lse[index] = out, lse
+            self.out.index_copy_(0, flat, out.float())
+            self.lse.index_copy_(0, flat, lse)
             return
         merged = torch.logaddexp(old, lse)
-        self.out[index] = (self.out[index] * torch.exp(old - merged).unsqueeze(-1)
-                           + out * torch.exp(lse - merged).unsqueeze(-1))
-        self.lse[index] = merged
+        accumulated = self.out.index_select(0, flat).mul_(torch.exp(old - merged).unsqueeze(-1))
+        self.out.index_copy_(0, flat, accumulated.add_(out.float() * torch.exp(lse - merged).unsqueeze(-1)))
+        self.lse.index_copy_(0, flat, merged)
 
     def result(self) -> torch.Tensor:
         return self.out

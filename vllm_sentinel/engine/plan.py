@@ -42,7 +42,7 @@ class ChunkPlan:
     cl_positions: np.ndarray # [closings] logical position of each compacted span's `<CL>`, in `<CR>` order
     move_from: np.ndarray    # [v] cached slots whose tokens this chunk's compactions shift left (W > 0)
     move_to: np.ndarray      # [v] their slots after the chunk
-    # first cached slot -> `_keys`, made once per chunk (every masked piece of it reads them)
+    # first cached slot -> `key_table`, made once per chunk
     _made_keys: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -87,29 +87,17 @@ class ChunkPlan:
         real tokens except the open span's tokens once that span's `<CR>` has gone by in this
         chunk; a `<CR>` sees its own span's cached tokens and nothing else of the cache.
         """
-        kinds, spans, close = self._keys(first_cached)
+        kinds, spans, close = (torch.from_numpy(column) for column in self.key_table(first_cached))
         cached = self.cached_len - first_cached
         a, b = rows if rows is not None else (0, self.num_tokens)
         end = cached + b  # keys after the last row are never visible to it
         return attention_mask(kinds[:end], spans[:end], close[:end], first_query=cached + a)
 
-    def visible_keys(self, first_cached: int, rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`visibility(first_cached, rows)` without the columns no row sees: (those keys, numbered as
-        there; `[b - a, len(keys)]` bool). The rule is evaluated on the keys a row from a on can
-        see, not on all of them: a `<CR>` (seen by every later real token), or a token whose span's
-        `<CR>` is not before row a (a `<CR>` sees only its span, whose tokens close at it)."""
-        kinds, spans, close = self._keys(first_cached)
-        cached = self.cached_len - first_cached
-        a, b = rows
-        end = cached + b
-        candidates = ((kinds[:end] == CR) | (close[:end] >= cached + a)).nonzero().squeeze(1)
-        seen = attention_mask(kinds[:end], spans[:end], close[:end], first_query=cached + a, keys=candidates)
-        useful = seen.any(0)
-        return candidates[useful], seen[:, useful]
-
-    def _keys(self, first_cached: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kind, span and closing row of the cached slots from `first_cached` on and of the chunk's
-        tokens, as `attention_mask` takes them."""
+    def key_table(self, first_cached: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Kind, span and closing key index of the cached slots from `first_cached` on and of the
+        chunk's tokens, in that order (the chunk's keys: cached slots, then its tokens). A real key
+        is seen by the real tokens from itself up to its span's `<CR>` in this chunk (`NEVER`: no
+        `<CR>` of this chunk closes it); a `<CR>` by every real token after it."""
         made = self._made_keys
         if first_cached not in made:
             cached = self.cached_len - first_cached
@@ -117,9 +105,12 @@ class ChunkPlan:
             spans = np.concatenate([self.layout.cached_spans(self.computed)[first_cached:], self.span_index])
             close = np.concatenate([np.full(cached, NEVER), np.where(self.close_at < NEVER, self.close_at + cached, NEVER)])
             # Cached raw tokens of a span compacted in this chunk stop being visible after its <CR>.
-            for cr in np.flatnonzero(self.kinds == CR):
-                close[:cached][spans[:cached] == self.span_index[cr]] = cached + cr
-            made[first_cached] = (torch.from_numpy(kinds), torch.from_numpy(spans), torch.from_numpy(close))
+            crs = np.flatnonzero(self.kinds == CR)  # in span order
+            if crs.size and cached:
+                which = np.searchsorted(self.span_index[crs], spans[:cached]).clip(max=crs.size - 1)
+                closes = (spans[:cached] >= 0) & (self.span_index[crs][which] == spans[:cached])
+                close[:cached] = np.where(closes, cached + crs[which], NEVER)
+            made[first_cached] = (kinds, spans, close)
         return made[first_cached]
 
 
