@@ -45,6 +45,25 @@ def test_the_quick_bench_compares_both_engines_and_writes_its_report(sentinel_mo
     assert (tmp_path / f"bench-{label}.png").stat().st_size > 10_000
 
 
+def test_rounds_keep_every_engine_up_and_report_the_median_of_the_rounds_ratios(sentinel_model_dir, tmp_path):
+    """--rounds: both engines up at once, taking turns over fresh prompts; each engine's figures are
+    its own (vLLM's Prometheus logger of the engine started last would otherwise answer for both)."""
+    result = subprocess.run([CLI, "bench", "--model", str(sentinel_model_dir), "--quick", "--enforce-eager",
+                             "--workloads", "overhead", "--rounds", "3", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [overhead] = json.loads((tmp_path / f"bench-{sentinel_model_dir.name}.json").read_text())["results"]
+    by_round = overhead["ratios_by_round"]["output_tokens_per_s"]
+    assert overhead["rounds"] == 3 and len(by_round) == 3
+    assert overhead["ratios"]["output_tokens_per_s"] == pytest.approx(sorted(by_round)[1])
+    assert "(median of 3 rounds," in result.stdout
+    for backend in ("stock", "sentinel"):
+        run = overhead["runs"][backend]
+        assert len(run["rounds_elapsed_s"]) == 3
+        assert run["peak_running"] == overhead["workload"]["num_prompts"] and run["peak_kv_blocks"] > 0
+    assert overhead["runs"]["sentinel"]["sentinel_tokens"] > 0 == overhead["runs"]["stock"]["sentinel_tokens"]
+
+
 def test_the_quick_chat_bench_reads_hits_from_vllm_and_compares_three_engines(sentinel_model_dir, tmp_path):
     """A shared system prompt and conversations; hit rates are vLLM's own counters."""
     result = subprocess.run([CLI, "bench-chat", "--model", str(sentinel_model_dir), "--window", "32", "--quick",

@@ -77,6 +77,15 @@ def _bytes(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_batch(args) -> None:
     from .batch import BatchConfig, batch_file
 
@@ -133,7 +142,8 @@ def cmd_bench(args) -> None:
         dummy = label == "dummy"
         dtype = bench_dtype(args, dummy)
         report = bench(model, args.out, workloads, quick=args.quick, dtype=dtype,
-                       load_format="dummy" if dummy else "auto", enforce_eager=args.enforce_eager, label=label)
+                       load_format="dummy" if dummy else "auto", enforce_eager=args.enforce_eager, label=label,
+                       rounds=args.rounds)
         print(f"{label}: {report['seconds']:.0f} s; results in {args.out}/bench-{label}.json and .png")
 
 
@@ -286,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="both engines eager, without torch.compile (faster start; vLLM's default, which users run, "
                         "is compiled)")
+    p.add_argument("--rounds", type=_positive, default=1,
+                   help="rounds of fresh prompts per workload, with every engine up, warmed and taking turns; ratios "
+                        "are the median of the rounds' ratios (short workloads on a busy or small machine swing by "
+                        "10-30%% between single runs); default 1: each engine once, one after the other")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-chat", help="prefix caching: stock vLLM vs sentinel without and with it, one run",

@@ -130,75 +130,172 @@ def limit_workload(workload: Workload, mean_slots: float) -> Workload:
                     max(2, round(mean_slots)))
 
 
+def _summarise(record) -> dict:
+    return {**record.summary(), "kv_per_request": kv_slots_per_request(record),
+            "mean_kv_slots_per_request": mean_kv_slots_per_request(record),
+            "kv_blocks_over_time": [(round(s["t"], 3), s["kv_blocks"], s["running"]) for s in record.samples]}
+
+
+def _vllm_collectors() -> list:
+    """vLLM's own Prometheus collectors now in the registry (the sentinel's are process-wide)."""
+    from prometheus_client import REGISTRY
+
+    return [collector for collector in list(REGISTRY._collector_to_names)
+            if getattr(collector, "_name", "").startswith("vllm:")
+            and not collector._name.startswith("vllm:sentinel")]
+
+
+class BenchEngine:
+    """One engine of a comparison: an `LLM` with the backend's settings, running workloads."""
+
+    def __init__(self, model_dir: str, backend: str, settings: dict):
+        from vllm import LLM
+
+        kwargs = dict(settings)
+        if backend == "sentinel":
+            kwargs["attention_backend"] = "sentinel"
+        self.backend = backend
+        started = time.perf_counter()
+        self.llm = LLM(model=model_dir, **kwargs)
+        self.startup_s = time.perf_counter() - started
+        # A new engine's Prometheus logger unregisters every earlier engine's collectors, and the
+        # bench reads its gauges from the registry: each engine puts its own back before it runs.
+        self.collectors = _vllm_collectors()
+
+    def _own_metrics(self) -> None:
+        from prometheus_client import REGISTRY
+
+        current = _vllm_collectors()
+        if {id(c) for c in current} != {id(c) for c in self.collectors}:
+            for collector in current:
+                REGISTRY.unregister(collector)
+            for collector in self.collectors:
+                REGISTRY.register(collector)
+
+    def run(self, workload: Workload, prompts, label: str | None = None) -> dict:
+        from vllm import SamplingParams
+
+        from ..observe import run_workload
+
+        self._own_metrics()
+        extra = {"sentinel": {"span": workload.span}} if self.backend == "sentinel" and workload.span else None
+        params = SamplingParams(max_tokens=workload.output_len, temperature=0, ignore_eos=True, extra_args=extra)
+        record = run_workload(self.llm, prompts, params, progress=label)
+        return {"backend": self.backend, "startup_s": self.startup_s, **_summarise(record)}
+
+    def warm_up(self, workload: Workload, vocab: int, avoid) -> None:
+        """A short batch first, so that no round pays for what a fresh engine does once."""
+        self.run(replace(workload, num_prompts=min(4, workload.num_prompts), output_len=min(4, workload.output_len)),
+                 random_prompts(min(4, workload.num_prompts), workload.input_len, vocab, avoid, seed=10_000))
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
+
 def run_engine(model_dir: str, backend: str, workloads: list[Workload], prompts, settings: dict) -> list[dict]:
     """One engine, the given workloads one after another (they differ only in per-request options)."""
-    from vllm import LLM, SamplingParams
-
-    from ..observe import run_workload
-
-    kwargs = dict(settings)
-    if backend == "sentinel":
-        kwargs["attention_backend"] = "sentinel"
-    started = time.perf_counter()
-    llm = LLM(model=model_dir, **kwargs)
-    startup = time.perf_counter() - started
-    runs = []
+    engine = BenchEngine(model_dir, backend, settings)
     try:
-        for workload in workloads:
-            extra = {"sentinel": {"span": workload.span}} if backend == "sentinel" and workload.span else None
-            params = SamplingParams(max_tokens=workload.output_len, temperature=0, ignore_eos=True, extra_args=extra)
-            record = run_workload(llm, prompts, params, progress=f"{workload.name} {backend}")
-            runs.append({"backend": backend, "startup_s": startup, **record.summary(),
-                         "kv_per_request": kv_slots_per_request(record),
-                         "mean_kv_slots_per_request": mean_kv_slots_per_request(record),
-                         "kv_blocks_over_time": [(round(s["t"], 3), s["kv_blocks"], s["running"])
-                                                 for s in record.samples]})
+        return [engine.run(workload, prompts, label=f"{workload.name} {backend}") for workload in workloads]
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-    return runs
+        engine.close()
 
 
-def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=("stock", "sentinel")) -> list[dict]:
+def run_rounds(model_dir: str, plan: list[tuple], prompts_of, rounds: int, vocab: int, avoid) -> dict[str, list]:
+    """Each engine of `plan` ((name, backend, settings, workloads)) alive at once, warmed up, then
+    `rounds` rounds of fresh prompts (`prompts_of(round)`), the engines taking turns (the first
+    each round rotates), so that a slow minute of the machine falls on all of them alike.
+    name -> per workload, the summary of each round."""
+    engines = {}
+    try:
+        for name, backend, settings, workloads in plan:
+            engines[name] = BenchEngine(model_dir, backend, settings)
+            engines[name].warm_up(workloads[0], vocab, avoid)
+        runs = {name: [[] for _ in workloads] for name, _, _, workloads in plan}
+        for r in range(rounds):
+            prompts = prompts_of(r)
+            order = plan[r % len(plan):] + plan[: r % len(plan)]
+            for name, backend, _, workloads in order:
+                for i, workload in enumerate(workloads):
+                    runs[name][i].append(engines[name].run(workload, prompts,
+                                                           label=f"{workload.name} {backend} round {r + 1}/{rounds}"))
+        return runs
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def median_round(summaries: list[dict]) -> dict:
+    """The round whose elapsed time is the median (the lower middle one for an even count)."""
+    ordered = sorted(summaries, key=lambda s: s["elapsed_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_elapsed_s": [s["elapsed_s"] for s in summaries]}
+
+
+def compare(model_dir: str, workloads: list[Workload], settings: dict, backends=("stock", "sentinel"),
+            rounds: int = 1) -> list[dict]:
     """Each backend runs every workload (same prompts, same engine settings); one result per workload.
 
-    Stock vLLM ignores the per-request span, so it runs the first workload only.
+    Stock vLLM ignores the per-request span, so it runs the first workload only. With `rounds` > 1
+    every engine stays up, warmed, and the engines take turns over fresh prompts each round; a
+    ratio is then the median over rounds of that round's ratio.
     """
     config = json.loads((Path(model_dir) / "config.json").read_text())
     sentinel = SentinelConfig.load(model_dir)
+    vocab, avoid = config["vocab_size"], sentinel.sentinel_ids
     first = workloads[0]
-    prompts = random_prompts(first.num_prompts, first.input_len, config["vocab_size"], sentinel.sentinel_ids)
+
+    def prompts_of(round_: int, workload: Workload = first):
+        return random_prompts(workload.num_prompts, workload.input_len, vocab, avoid, seed=round_)
+
     engine_settings = engine_kwargs(first, config, **settings)
     ample_settings = engine_kwargs(replace(first, kv_budget_requests=None), config, **settings)
-    runs = {}
+    plan = []
     for backend in backends:
         if backend == "stock" and first.kv_budget_requests is not None and len(workloads) == 1:
             # the machine's limit: stock with all the KV it wants, next to both engines on the small pool
-            runs["stock-ample"] = run_engine(model_dir, "stock", workloads[:1], prompts, ample_settings)
+            plan.append(("stock-ample", "stock", ample_settings, workloads[:1]))
             if not first.stock_on_budget:
                 continue
-        runs[backend] = run_engine(model_dir, backend, workloads if backend == "sentinel" else workloads[:1], prompts,
-                                   engine_settings)
+        plan.append((backend, backend, engine_settings, workloads if backend == "sentinel" else workloads[:1]))
+    if rounds > 1:
+        per_round = run_rounds(model_dir, plan, prompts_of, rounds, vocab, avoid)
+    else:
+        per_round = {name: [[run] for run in run_engine(model_dir, backend, runs, prompts_of(0), settings_)]
+                     for name, backend, settings_, runs in plan}
     limit = None
-    if first.name == "long-gen" and runs.get("sentinel") and runs["sentinel"][0]["mean_kv_slots_per_request"]:
-        # The most a compacting engine can reach on decode: stock attending to as many slots.
-        limit = limit_workload(first, runs["sentinel"][0]["mean_kv_slots_per_request"])
-        limit_prompts = random_prompts(limit.num_prompts, limit.input_len, config["vocab_size"], sentinel.sentinel_ids)
-        runs["stock-limit"] = run_engine(model_dir, "stock", [limit], limit_prompts,
-                                         engine_kwargs(limit, config, **settings))
+    if first.name == "long-gen" and per_round.get("sentinel"):
+        held = [run["mean_kv_slots_per_request"] for run in per_round["sentinel"][0]]
+        if all(held):
+            # The most a compacting engine can reach on decode: stock attending to as many slots.
+            limit_slots = float(np.median(held))
+            limit = limit_workload(first, limit_slots)
+            limit_plan = [("stock-limit", "stock", engine_kwargs(limit, config, **settings), [limit])]
+            limit_prompts = lambda r: prompts_of(r, limit)  # noqa: E731
+            per_round.update(run_rounds(model_dir, limit_plan, limit_prompts, rounds, vocab, avoid) if rounds > 1 else
+                             {"stock-limit": [[run_engine(model_dir, "stock", [limit], limit_prompts(0),
+                                                          limit_plan[0][2])[0]]]})
     results = []
     for i, workload in enumerate(workloads):
-        by_backend = {backend: run[i] for backend, run in runs.items() if i < len(run)}
-        result = {"workload": asdict(workload), "kv_budget_tokens": workload.kv_budget_tokens, "runs": by_backend}
+        rounds_of = {backend: run[i] for backend, run in per_round.items() if i < len(run)}
+        by_backend = {backend: median_round(summaries) for backend, summaries in rounds_of.items()}
+        result = {"workload": asdict(workload), "kv_budget_tokens": workload.kv_budget_tokens, "runs": by_backend,
+                  "rounds": rounds}
         keys = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
+
+        def ratios(ours: str, theirs: str) -> tuple[dict, dict]:
+            each = {key: [a[key] / b[key] for a, b in zip(rounds_of[ours], rounds_of[theirs])] for key in keys}
+            return {key: float(np.median(values)) for key, values in each.items()}, each
+
         if "sentinel" in by_backend and "stock" in by_backend:
-            result["ratios"] = {key: by_backend["sentinel"][key] / by_backend["stock"][key] for key in keys}
+            result["ratios"], result["ratios_by_round"] = ratios("sentinel", "stock")
         if "sentinel" in by_backend and "stock-ample" in by_backend:
-            result["ratios_vs_ample"] = {key: by_backend["sentinel"][key] / by_backend["stock-ample"][key] for key in keys}
+            result["ratios_vs_ample"], result["ratios_vs_ample_by_round"] = ratios("sentinel", "stock-ample")
         if limit is not None and i == 0:
-            sentinel_run, limit_run = by_backend["sentinel"], by_backend["stock-limit"]
-            result["limit"] = {"workload": asdict(limit), "mean_kv_slots": sentinel_run["mean_kv_slots_per_request"],
-                               "tpot_ratio": limit_run["tpot_ms_p50"] / sentinel_run["tpot_ms_p50"]}
+            sentinel_tpot = float(np.median([run["tpot_ms_p50"] for run in rounds_of["sentinel"]]))
+            limit_tpot = float(np.median([run["tpot_ms_p50"] for run in rounds_of["stock-limit"]]))
+            result["limit"] = {"workload": asdict(limit), "mean_kv_slots": limit_slots,
+                               "tpot_ratio": limit_tpot / sentinel_tpot}
         schedule = sentinel.schedule if not workload.span else replace(sentinel.schedule, span=workload.span)
         per_request = by_backend.get("sentinel", {}).get("kv_per_request")
         if per_request:
@@ -221,14 +318,20 @@ def format_result(result: dict) -> str:
                      f"TTFT p50/p99 {run['ttft_ms_p50']:.0f}/{run['ttft_ms_p99']:.0f} ms "
                      f"TPOT p50/p99 {run['tpot_ms_p50']:.1f}/{run['tpot_ms_p99']:.1f} ms | "
                      f"sentinel tokens {run['sentinel_tokens']}")
+    rounds = result.get("rounds", 1)
+
+    def spread(key: str) -> str:  # the per-round ratios behind a median
+        values = result[key]["total_tokens_per_s"]
+        return f" (median of {rounds} rounds, {min(values):.2f}-{max(values):.2f})" if rounds > 1 else ""
+
     if "ratios" in result:
         r = result["ratios"]
         lines.append(f"  sentinel / stock: {r['requests_per_s']:.2f}x req/s, {r['output_tokens_per_s']:.2f}x output "
-                     f"tok/s, {r['total_tokens_per_s']:.2f}x total tok/s")
+                     f"tok/s, {r['total_tokens_per_s']:.2f}x total tok/s" + spread("ratios_by_round"))
     if "ratios_vs_ample" in result:
         r = result["ratios_vs_ample"]
         lines.append(f"  sentinel (this pool) / stock (ample pool): {r['output_tokens_per_s']:.2f}x output tok/s, "
-                     f"{r['total_tokens_per_s']:.2f}x total tok/s")
+                     f"{r['total_tokens_per_s']:.2f}x total tok/s" + spread("ratios_vs_ample_by_round"))
     if "limit" in result:
         lim = result["limit"]
         lines.append(f"  the limit: stock attending to the {lim['mean_kv_slots']:.0f} slots sentinel held on average "
@@ -302,28 +405,29 @@ def plot(results: list[dict], sweep: list[dict], path: Path, title: str) -> None
 
 
 def bench(model_dir: str, out_dir: str | Path, workloads: list[str], quick: bool = False, dtype: str = "auto",
-          load_format: str = "auto", enforce_eager: bool = False, label: str | None = None) -> dict:
+          load_format: str = "auto", enforce_eager: bool = False, label: str | None = None, rounds: int = 1) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"dtype": dtype, "load_format": load_format, "enforce_eager": enforce_eager}
     print(f"{Path(model_dir).name}: both engines {'eager (--enforce-eager)' if enforce_eager else 'compiled'}, "
-          f"dtype {dtype}", flush=True)
+          f"dtype {dtype}" + (f", {rounds} rounds of fresh prompts, engines taking turns" if rounds > 1 else ""),
+          flush=True)
     table = QUICK if quick else WORKLOADS
     started = time.time()
     results, sweep = [], []
     for name in workloads:
         if name == "span-sweep":
             base, spans = (QUICK_SWEEP, QUICK_SPANS) if quick else (SWEEP, SWEEP_SPANS)
-            sweep = compare(model_dir, [replace(base, span=span) for span in spans], settings)
+            sweep = compare(model_dir, [replace(base, span=span) for span in spans], settings, rounds=rounds)
             for result in sweep:
                 print(format_result(result), flush=True)
             continue
         if name not in table:
             raise ValueError(f"unknown workload {name!r}; choose from {sorted(table) + ['span-sweep']}")
-        results += compare(model_dir, [table[name]], settings)
+        results += compare(model_dir, [table[name]], settings, rounds=rounds)
         print(format_result(results[-1]), flush=True)
     label = label or Path(model_dir).name
-    report = {"model": str(model_dir), "label": label, "settings": settings, "quick": quick,
+    report = {"model": str(model_dir), "label": label, "settings": settings, "quick": quick, "rounds": rounds,
               "seconds": time.time() - started, "results": results, "span_sweep": sweep}
     (out_dir / f"bench-{label}.json").write_text(json.dumps(report, indent=2))
     plot(results, sweep, out_dir / f"bench-{label}.png", f"stock vLLM vs sentinel backend: {label}")
