@@ -64,6 +64,34 @@ def test_rounds_keep_every_engine_up_and_report_the_median_of_the_rounds_ratios(
     assert overhead["runs"]["sentinel"]["sentinel_tokens"] > 0 == overhead["runs"]["stock"]["sentinel_tokens"]
 
 
+def test_a_bench_stopped_with_sigterm_takes_its_engine_processes_with_it(sentinel_model_dir, tmp_path):
+    """SIGTERM (what `kill` and `pkill` send) mid-run: the bench exits and leaves no engine behind.
+    Before, its EngineCore and worker processes outlived it, busy, for as long as nobody killed them."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([CLI, "bench", "--model", str(sentinel_model_dir), "--quick", "--enforce-eager",
+                             "--workloads", "overhead", "--rounds", "50", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engines = []
+    deadline = time.time() + 300
+    while not engines and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        engines = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
+                   or "EngineCore" in p.name()]
+    assert engines, "the bench started no engine"
+    time.sleep(5)  # mid-run
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(descendants, timeout=60)
+    for orphan in alive:  # a failing run must not leave them busy for the rest of the suite
+        orphan.kill()
+    assert not alive, [p.name() for p in alive]
+
+
 def test_the_quick_chat_bench_reads_hits_from_vllm_and_compares_three_engines(sentinel_model_dir, tmp_path):
     """A shared system prompt and conversations; hit rates are vLLM's own counters."""
     result = subprocess.run([CLI, "bench-chat", "--model", str(sentinel_model_dir), "--window", "32", "--quick",

@@ -389,9 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C: engines are shut down on the way out. By default the signal
+    killed this process alone, and its engine processes (EngineCore, the worker) ran on, busy."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in VLLM_COMMANDS:
+        _exit_on_sigterm()
         log_file = route_vllm_logs(f"runs/logs/{args.command}.log", verbose=args.verbose)
         if log_file is not None:
             print(f"(vLLM's log: {log_file}; --verbose shows it here)", file=sys.stderr)
