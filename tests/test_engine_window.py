@@ -106,13 +106,14 @@ def test_windowed_blocks_stay_within_the_bound_and_preemption_changes_nothing(en
 def test_each_row_is_attended_once_and_tiny_tiles_change_nothing(engines, oracle, monkeypatch):
     """Each token row is attended exactly once: by the kernel (plain chunks, and a compacting
     chunk's tokens before its first <CR>) or by the masked path (the rest of that chunk); with the
-    score budget at its minimum (one block per tile, one piece per group) the results are still the
-    oracle's: tiling and grouping are bookkeeping, not approximations."""
+    budgets at their minimum (one block per stable-prefix tile, one row block per group) the
+    results are still the oracle's: tiling and grouping are bookkeeping, not approximations."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
     from vllm_sentinel.engine import backend
 
     monkeypatch.setattr(backend, "SCORE_BUDGET", 1)
+    monkeypatch.setattr(backend, "KV_TILE_BUDGET", 1)
     kernel_calls, seen = [], []
     kernel_forward, sentinel_forward = CPUAttentionBackendImpl.forward, backend.SentinelAttentionImpl.forward
 

@@ -26,9 +26,9 @@ Stable prefixes of similar size are attended together, and so are pieces of simi
 step in which every request closes a span is one padded call per layer for all their `<CR>`s).
 
 Peak extra memory of a step's masked work is bounded by the chunk, not by the prompt: the
-visibility of a band of rows at a time, at most `SCORE_BUDGET` attention scores per tile or group
-(plus one block-row of scores when a single chunk's real tokens times the query heads exceed it),
-the volatile tails (L + W slots per masked request), and one tile of keys and values.
+visibility of a band of rows at a time, at most `SCORE_BUDGET` attention scores per masked group,
+the volatile tails (L + W slots per masked request), and one stable-prefix tile of keys and values
+(`KV_TILE_BUDGET` elements each, at least one block).
 
 The wrapped kernel's in-block KV layout is its own business (CPU_ATTN stores keys transposed, and
 differently per ISA), so `PagedKVReader` learns it once by writing a known pattern through the
@@ -82,8 +82,13 @@ class SentinelAttentionBackend(CPUAttentionBackend):
 PADDING_ALLOWANCE = 1.5
 
 
-# Attention scores (query x key x head) one tile or group may hold: what bounds the masked path's memory.
+# Attention scores (query x key x head) one group of masked blocks may hold: its mask is materialised.
 SCORE_BUDGET = 1 << 22
+# Key elements (slot x KV head x dim, the values as many) one stable-prefix tile may hold. Those folds
+# need no mask and the fused kernel keeps no more than a tile of its own scores per thread, so what
+# a tile costs in memory is its copy of the keys and values (8 MiB each in bf16). Sized by scores
+# instead, a 4,096-token chunk read 5 blocks per tile and merged its whole accumulator after each.
+KV_TILE_BUDGET = 1 << 22
 
 # What the masked folds compute in: "model" (the served dtype; the log-sum-exp and the merge stay
 # fp32) or "float32". In a bf16 model bf16 folds are 1.3-3.7x faster on the fold shapes, and the
@@ -710,7 +715,7 @@ class SentinelAttentionImpl(CPUAttentionBackendImpl):
         reader = self._reader(layer, kv_cache) if meta.stable else None
         block_size = reader.block_size if reader else 0
         for group in meta.stable:
-            per_tile = max(1, SCORE_BUDGET // (group.rows.numel() * heads * block_size))
+            per_tile = max(1, KV_TILE_BUDGET // (group.blocks.shape[0] * block_size * kv_heads * dim))
             for first in range(0, group.blocks.shape[1], per_tile):
                 tile = group.blocks[:, first: first + per_tile]
                 k, v = reader.read_blocks(kv_cache, tile.reshape(-1))
