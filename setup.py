@@ -25,7 +25,7 @@ setup(
         "gpu": ["vllm==0.32.0", "xformers"],
         "ray": ["ray[data]==2.60.0"],
         "train": ["peft"],
-        "test": ["pytest", "openai"],
+        "test": ["pytest", "pytest-xdist", "openai"],
     },
     entry_points={
         "vllm.general_plugins": ["sentinel = vllm_sentinel.plugin:register"],

@@ -16,6 +16,8 @@ CLI = str(Path(sys.executable).parent / "vllm-sentinel")
 ENGINE_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "64M", "--max-model-len", "1024", "--enforce-eager",
                 "--engine-args", json.dumps({"seed": 0})]
 MAX_TOKENS = 12
+# One Ray cluster at a time: the tests of Ray batches share a pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 def prompt_texts(count: int) -> list[str]:
@@ -78,10 +80,10 @@ def references(sentinel_model_dir, prompts_file):
     return out
 
 
-def run_cli(model_dir, prompts, output, *flags):
+def run_cli(model_dir, prompts, output, *flags, env=None):
     result = subprocess.run([CLI, "batch", "--model", str(model_dir), "--input", str(prompts), "--output", str(output),
                              "--max-tokens", str(MAX_TOKENS), "--ignore-eos", *ENGINE_FLAGS, *flags],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in output.read_text().splitlines()]
 
@@ -121,7 +123,9 @@ def test_tensor_parallel_two_on_cpu_gives_the_same_rows(sentinel_model_dir, prom
     path, expected = prompts_file
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(path.read_text().splitlines()[:8]) + "\n")
-    rows = run_cli(sentinel_model_dir, small, tmp_path / "out.jsonl", "--tensor-parallel-size", "2")
+    # The machine's cores shared out between the two ranks, not the one core a test worker's engines bind to.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
+    rows = run_cli(sentinel_model_dir, small, tmp_path / "out.jsonl", "--tensor-parallel-size", "2", env=env)
     assert [row["generated_token_ids"] for row in rows] == references["sentinel"][:8]
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vllm_sentinel.training.corpus import DEFAULT_CORPUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -55,6 +57,7 @@ def test_marked_documents_hold_less_kv_than_the_same_chat_unmarked(sentinel_mode
     assert out.count("answer: ") == 2 and " INFO " not in out
 
 
+@pytest.mark.xdist_group("ray")  # with test_batch.py: one Ray cluster at a time
 def test_ray_batch_answers_every_row(sentinel_model_dir):
     out = run_example("ray_batch.py", "--model", str(sentinel_model_dir), "--replicas", "2", "--rows", "8",
                       "--max-tokens", "8", "--enforce-eager")
