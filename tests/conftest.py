@@ -11,17 +11,18 @@ def pytest_configure(config):
     """Under pytest-xdist (README's test command runs `-n auto`), each worker's engines compute on
     cores of their own. vLLM binds a multiprocess engine's model threads to the first core it finds,
     so without this every worker's engines would share core 0 while the other cores wait."""
+    from vllm_sentinel.batch import _thread_binding
+
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return
-    cores = sorted(os.sched_getaffinity(0))
-    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    if workers > len(cores):
+    try:  # the cores shared out as between tensor-parallel ranks
+        shares = _thread_binding(int(os.environ["PYTEST_XDIST_WORKER_COUNT"])).split("|")
+    except ValueError:  # more workers than cores: nothing to share out
         return
-    share = len(cores) // workers
-    mine = cores[int(worker.removeprefix("gw")) * share:][:share]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
-    torch.set_num_threads(len(mine))  # the oracle's forwards and in-process engines too
+    mine = shares[int(worker.removeprefix("gw"))]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = mine
+    torch.set_num_threads(len(mine.split(",")))  # the oracle's forwards and in-process engines too
 
 
 # The schedules the issues name: (sink, span, gap).
